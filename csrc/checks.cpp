@@ -15,7 +15,9 @@ void check_pack_24_input(const at::Tensor& dense) {
                    "dense must be float16, bfloat16 or int8 for the CUTLASS 2:4 layout, got ",
                    dense.scalar_type());
   const bool int8 = dense.scalar_type() == at::kChar;
-  const int64_t row_mult = int8 ? 16 : 32, col_mult = int8 ? 32 : 16;
+  // The reordered meta interleaves pairs of meta columns, so their count must be even:
+  // columns a multiple of 2 * 4 * (nibbles per meta element).
+  const int64_t row_mult = int8 ? 16 : 32, col_mult = int8 ? 64 : 32;
   TORCH_CHECK_VALUE(dense.size(0) % row_mult == 0, "dense has ", dense.size(0),
                     " rows; the CUTLASS 2:4 layout needs a multiple of ", row_mult);
   TORCH_CHECK_VALUE(dense.size(1) % col_mult == 0, "dense has ", dense.size(1),
@@ -39,6 +41,8 @@ void check_unpack_24_input(const at::Tensor& values, const at::Tensor& meta) {
   const int64_t row_mult = int8 ? 16 : 32;
   TORCH_CHECK_VALUE(values.size(0) % row_mult == 0, "values has ", values.size(0),
                     " rows; the CUTLASS 2:4 layout needs a multiple of ", row_mult);
+  TORCH_CHECK_VALUE(meta.size(1) % 2 == 0, "meta has ", meta.size(1),
+                    " columns; the CUTLASS 2:4 layout needs an even number");
 }
 
 void check_pack_bitmask_input(const at::Tensor& dense, int64_t n, int64_t m) {

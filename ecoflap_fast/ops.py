@@ -242,13 +242,13 @@ def prune_by_scores_(weight: torch.Tensor, scores: torch.Tensor, sparsity=None, 
 def pack_24_cutlass(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values ``[m, k/2]``, meta) of a 2:4-sparse matrix in PyTorch's CUTLASS layout.
 
-    fp16/bf16 → int16 meta ``[m, k/16]`` (m % 32 == 0, k % 16 == 0); int8 → int32 meta ``[m, k/32]``
-    (m % 16 == 0, k % 32 == 0). Byte-identical to
+    fp16/bf16 → int16 meta ``[m, k/16]`` (m % 32 == 0, k % 32 == 0); int8 → int32 meta ``[m, k/32]``
+    (m % 16 == 0, k % 64 == 0). Byte-identical to
     ``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass``.
     A group of 4 columns with more than 2 non-zeros raises ValueError (nothing is dropped silently).
     """
     _matrix("dense", dense, _CUTLASS_DTYPES)
-    rows_mult, cols_mult = (16, 32) if dense.dtype == torch.int8 else (32, 16)
+    rows_mult, cols_mult = (16, 64) if dense.dtype == torch.int8 else (32, 32)
     if dense.shape[0] % rows_mult or dense.shape[1] % cols_mult:
         raise ValueError(
             f"dense has shape {tuple(dense.shape)}; the CUTLASS 2:4 layout for {dense.dtype} needs rows a "
@@ -269,6 +269,10 @@ def unpack_24_cutlass(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     per_meta = 16 if values.dtype == torch.int8 else 8
     if meta.shape[0] != values.shape[0] or meta.shape[1] * per_meta != values.shape[1]:
         raise ValueError(f"meta has shape {tuple(meta.shape)}, which does not describe values {tuple(values.shape)}")
+    rows_mult = 16 if values.dtype == torch.int8 else 32
+    if values.shape[0] % rows_mult or meta.shape[1] % 2:
+        raise ValueError(f"values {tuple(values.shape)} / meta {tuple(meta.shape)} are not a CUTLASS 2:4 layout "
+                         f"(rows a multiple of {rows_mult}, an even number of meta columns)")
     if _use_cpp(values):
         return _ext.ops().unpack_24_cutlass(values, meta)
     return ref.unpack_24_cutlass(values, meta)
