@@ -192,9 +192,9 @@ def wanda_mask(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> torc
     _matrix("weight", weight, _FLOATS)
     k, n, m, per_matrix = _select_args(weight.shape[1], weight.numel(), sparsity, nm, per)
     scaler_row = _scaler(scaler_row, weight)
-    _finite("weight", weight)
-    if weight.device.type == "cpu" and _ext.is_available():
+    if weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf itself, in the same parallel pass
         return _ext.ops().select_mask(weight, scaler_row, True, k, n, m, per_matrix)
+    _finite("weight", weight)
     return ref.wanda_mask(weight, scaler_row, sparsity, nm=nm, per=per)
 
 
@@ -203,14 +203,14 @@ def wanda_prune_(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> in
     _matrix("weight", weight, _FLOATS)
     k, n, m, per_matrix = _select_args(weight.shape[1], weight.numel(), sparsity, nm, per)
     scaler_row = _scaler(scaler_row, weight)
-    _finite("weight", weight)
-    if weight.device.type == "cpu" and _ext.is_available():
+    if weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf before writing anything
         if weight.is_contiguous():
             return int(_ext.ops().select_prune_(weight, scaler_row, k, n, m, per_matrix))
         work = weight.contiguous()
         count = int(_ext.ops().select_prune_(work, scaler_row, k, n, m, per_matrix))
         weight.copy_(work)
         return count
+    _finite("weight", weight)
     return ref.wanda_prune_(weight, scaler_row, sparsity, nm=nm, per=per)
 
 
@@ -218,9 +218,9 @@ def select_mask(scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> t
     """bool mask of the k smallest of any score matrix (SparseGPT, RIA, magnitude, ...), SPEC §2 rules."""
     _matrix("scores", scores, _FLOATS)
     k, n, m, per_matrix = _select_args(scores.shape[1], scores.numel(), sparsity, nm, per)
-    _finite("scores", scores)
     if scores.device.type == "cpu" and _ext.is_available():
         return _ext.ops().select_mask(scores, None, False, k, n, m, per_matrix)
+    _finite("scores", scores)
     return ref.select_mask(scores, sparsity, nm=nm, per=per)
 
 

@@ -12,6 +12,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -20,16 +21,16 @@
 namespace ecoflap {
 namespace {
 
-template <typename scalar_t>
+template <typename scalar_t, bool ABS, bool SCALED>
 struct ScoreRow {
   const scalar_t* w;
-  const float* sqrt_scaler;  // nullptr: no activation factor
-  bool use_abs;
+  const float* sqrt_scaler;  // used when SCALED
   // fp32 score, computed exactly like the reference: fp32(|W|), correctly rounded sqrt, one multiply.
   inline float score(int64_t j) const {
     float v = static_cast<float>(w[j]);
-    if (use_abs) v = std::fabs(v);
-    return sqrt_scaler ? v * sqrt_scaler[j] : v;
+    if constexpr (ABS) v = std::fabs(v);
+    if constexpr (SCALED) v = v * sqrt_scaler[j];
+    return v;
   }
   inline uint32_t key32(int64_t j) const {
     const float s = score(j);
@@ -40,24 +41,38 @@ struct ScoreRow {
   inline uint64_t key64(int64_t j) const { return (uint64_t(key32(j)) << 32) | uint64_t(j); }
 };
 
+// n:m: in each group, an element is selected when fewer than m - n keys of its group are smaller.
+template <int M, typename Row, typename Emit>
+inline void select_groups(const Row& row, int64_t r, int64_t cols, int64_t m_rt, int64_t drop, Emit& emit) {
+  const int64_t m = M > 0 ? M : m_rt;
+  uint64_t keys[M > 0 ? M : 32];
+  for (int64_t g = 0; g < cols; g += m) {
+    for (int64_t i = 0; i < m; ++i) keys[i] = row.key64(g + i);
+    for (int64_t i = 0; i < m; ++i) {
+      int64_t rank = 0;
+      for (int64_t j = 0; j < m; ++j) rank += keys[j] < keys[i];
+      if (rank < drop) emit(r, g + i);
+    }
+  }
+}
+
 // Calls emit(row, col) for every selected (pruned) element. Returns how many were selected.
-template <typename scalar_t, typename Emit>
-int64_t select(const scalar_t* w, int64_t rows, int64_t cols, const float* sqrt_scaler, bool use_abs, int64_t k,
-               int64_t n, int64_t m, bool per_matrix, Emit emit) {
-  auto row_of = [&](int64_t r) { return ScoreRow<scalar_t>{w + r * cols, sqrt_scaler, use_abs}; };
+template <typename scalar_t, bool ABS, bool SCALED, typename Emit>
+int64_t select(const scalar_t* w, int64_t rows, int64_t cols, const float* sqrt_scaler, int64_t k, int64_t n,
+               int64_t m, bool per_matrix, Emit emit) {
+  using Row = ScoreRow<scalar_t, ABS, SCALED>;
+  auto row_of = [&](int64_t r) { return Row{w + r * cols, sqrt_scaler}; };
   if (m != 0) {
     const int64_t drop = m - n;
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-      std::array<uint64_t, 32> keys;
       for (int64_t r = r0; r < r1; ++r) {
         const auto row = row_of(r);
-        for (int64_t g = 0; g < cols; g += m) {
-          for (int64_t i = 0; i < m; ++i) keys[i] = row.key64(g + i);
-          for (int64_t i = 0; i < m; ++i) {
-            int64_t rank = 0;
-            for (int64_t j = 0; j < m; ++j) rank += keys[j] < keys[i];
-            if (rank < drop) emit(r, g + i);
-          }
+        if (m == 4) {
+          select_groups<4>(row, r, cols, m, drop, emit);
+        } else if (m == 8) {
+          select_groups<8>(row, r, cols, m, drop, emit);
+        } else {
+          select_groups<0>(row, r, cols, m, drop, emit);
         }
       }
     });
@@ -66,14 +81,15 @@ int64_t select(const scalar_t* w, int64_t rows, int64_t cols, const float* sqrt_
   if (k == 0) return 0;
   if (!per_matrix) {
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-      std::vector<uint64_t> keys(cols);
+      std::vector<uint64_t> keys(cols), work(cols);
       for (int64_t r = r0; r < r1; ++r) {
         const auto row = row_of(r);
         for (int64_t j = 0; j < cols; ++j) keys[j] = row.key64(j);
-        std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
-        const uint64_t kth = keys[k - 1];
+        std::copy(keys.begin(), keys.end(), work.begin());
+        std::nth_element(work.begin(), work.begin() + (k - 1), work.end());
+        const uint64_t kth = work[k - 1];
         for (int64_t j = 0; j < cols; ++j)
-          if (row.key64(j) <= kth) emit(r, j);
+          if (keys[j] <= kth) emit(r, j);
       }
     });
     return rows * k;
@@ -145,6 +161,38 @@ int64_t select(const scalar_t* w, int64_t rows, int64_t cols, const float* sqrt_
   return k;
 }
 
+// Raises ValueError if any element is NaN or Inf: one parallel scan of the exponent bits, done
+// before anything is written so a rejected call leaves its inputs untouched.
+void check_finite(const at::Tensor& t, const char* name) {
+  const int64_t n = t.numel();
+  bool bad = false;
+  auto scan = [&](auto* p, auto exp_mask) {
+    bad = at::parallel_reduce(
+        0, n, 1 << 16, false,
+        [&](int64_t a, int64_t b, bool acc) {
+          bool hit = false;
+          for (int64_t i = a; i < b; ++i) hit |= (p[i] & exp_mask) == exp_mask;
+          return acc || hit;
+        },
+        [](bool x, bool y) { return x || y; });
+  };
+  if (t.element_size() == 4) scan(reinterpret_cast<const uint32_t*>(t.data_ptr()), uint32_t(0x7f800000u));
+  else if (t.scalar_type() == at::kHalf) scan(reinterpret_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7c00u));
+  else scan(reinterpret_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7f80u));
+  TORCH_CHECK_VALUE(!bad, name, " contains NaN or Inf");
+}
+
+// Calls f(std::integral_constant<bool, use_abs>, std::integral_constant<bool, scaled>).
+template <typename F>
+void with_score_flags(bool use_abs, bool scaled, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (use_abs && scaled) f(T{}, T{});
+  else if (use_abs) f(T{}, N{});
+  else if (scaled) f(N{}, T{});
+  else f(N{}, N{});
+}
+
 std::vector<float> sqrt_of(const c10::optional<at::Tensor>& scaler_row) {
   if (!scaler_row.has_value()) return {};
   const auto s = scaler_row->contiguous();
@@ -160,14 +208,18 @@ at::Tensor select_mask_cpu(const at::Tensor& scores_in, const c10::optional<at::
                            int64_t k, int64_t n, int64_t m, bool per_matrix) {
   check_select_input(scores_in, scaler_row, k, n, m, per_matrix);
   const auto scores = scores_in.contiguous();
+  check_finite(scores, use_abs ? "weight" : "scores");
   const int64_t rows = scores.size(0), cols = scores.size(1);
   auto mask = at::zeros({rows, cols}, scores.options().dtype(at::kBool));
   bool* out = mask.data_ptr<bool>();
   const auto sq = sqrt_of(scaler_row);
   const float* sqp = sq.empty() ? nullptr : sq.data();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "select_mask_cpu", [&] {
-    select<scalar_t>(scores.data_ptr<scalar_t>(), rows, cols, sqp, use_abs, k, n, m, per_matrix,
-                     [&](int64_t r, int64_t j) { out[r * cols + j] = true; });
+    auto emit = [&](int64_t r, int64_t j) { out[r * cols + j] = true; };
+    with_score_flags(use_abs, sqp != nullptr, [&](auto abs_c, auto scaled_c) {
+      select<scalar_t, decltype(abs_c)::value, decltype(scaled_c)::value>(scores.data_ptr<scalar_t>(), rows, cols, sqp,
+                                                                          k, n, m, per_matrix, emit);
+    });
   });
   return mask;
 }
@@ -176,6 +228,7 @@ int64_t select_prune_cpu(at::Tensor& weight, const c10::optional<at::Tensor>& sc
                          int64_t m, bool per_matrix) {
   check_select_input(weight, scaler_row, k, n, m, per_matrix);
   TORCH_CHECK_VALUE(weight.is_contiguous(), "weight must be contiguous for in-place pruning");
+  check_finite(weight, "weight");
   const int64_t rows = weight.size(0), cols = weight.size(1);
   const auto sq = sqrt_of(scaler_row);
   const float* sqp = sq.empty() ? nullptr : sq.data();
@@ -184,8 +237,11 @@ int64_t select_prune_cpu(at::Tensor& weight, const c10::optional<at::Tensor>& sc
     scalar_t* w = weight.data_ptr<scalar_t>();
     // Safe in place: every path emits only in its last pass over a row (or group), and each
     // element's score is read before that element is written.
-    count = select<scalar_t>(w, rows, cols, sqp, true, k, n, m, per_matrix,
-                             [&](int64_t r, int64_t j) { w[r * cols + j] = scalar_t(0); });
+    auto emit = [&](int64_t r, int64_t j) { w[r * cols + j] = scalar_t(0); };
+    with_score_flags(true, sqp != nullptr, [&](auto abs_c, auto scaled_c) {
+      count = select<scalar_t, decltype(abs_c)::value, decltype(scaled_c)::value>(w, rows, cols, sqp, k, n, m,
+                                                                                  per_matrix, emit);
+    });
   });
   return count;
 }
