@@ -81,11 +81,11 @@ def _prune(a) -> dict:
                          nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, seed=a.seed,
                          progress=not a.no_progress, sparsity_map=sparsity_map)
     config.validate()
+    calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer files; calibration text cannot be tokenized")
-    calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
     calibration = data.calibration_windows(data.tokenize(tok, calib_texts), a.nsamples, a.seqlen, a.seed)
     eval_s = 0.0
     ppl_dense = ppl_pruned = None
@@ -125,6 +125,10 @@ def _eval(a) -> dict:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if a.command == "prune":
             rep = _prune(a)

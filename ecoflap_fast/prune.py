@@ -111,11 +111,21 @@ def measure_sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
 def allocate(model: nn.Module, config: PruneConfig) -> dict[str, float]:
     """Per-Linear sparsity (full module name -> sparsity)."""
     layers = blocks_mod.prunable(model)
+    nm = PATTERNS[config.pattern]
+    if nm is not None:
+        for name, lin in layers.items():
+            if lin.in_features % nm[1]:
+                raise ValueError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}; "
+                                 f"{name} has {lin.in_features}")
     if config.sparsity_map is not None:
         missing = sorted(set(layers) - set(config.sparsity_map))
         if missing:
             raise ValueError(f"sparsity map has no entry for {len(missing)} layers, first {missing[0]!r}")
-        return {n: float(config.sparsity_map[n]) for n in layers}
+        out = {n: float(config.sparsity_map[n]) for n in layers}
+        bad = [n for n, v in out.items() if not 0 <= v < 1]
+        if bad:
+            raise ValueError(f"sparsity map entry {bad[0]!r} = {out[bad[0]]} is outside [0, 1)")
+        return out
     return {n: float(config.sparsity) for n in layers}
 
 

@@ -1,0 +1,129 @@
+"""The command line on a tiny saved model: a full run, and every bad-input path of the prune command."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from ecoflap_fast.cli import main
+from tiny_models import tiny_llama, word_text, word_tokenizer
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for name, hidden in [("tiny", 64), ("odd", 66)]:
+        model = tiny_llama(hidden=hidden) if hidden == 64 else _odd_llama()
+        model.save_pretrained(root / name)
+        word_tokenizer().save_pretrained(root / name)
+    (root / "calib.txt").write_text(word_text(3000, seed=1))
+    (root / "eval.txt").write_text(word_text(2000, seed=2))
+    (root / "short.txt").write_text(word_text(5))
+    return root
+
+
+def _odd_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=66, intermediate_size=132, num_hidden_layers=2, num_attention_heads=3,
+                      num_key_value_heads=1, vocab_size=128)
+    return LlamaForCausalLM(cfg)
+
+
+def _args(root, model="tiny", out="out", *extra):
+    return ["prune", "--model", str(root / model), "--calib-text", str(root / "calib.txt"), "--eval-text",
+            str(root / "eval.txt"), "--nsamples", "4", "--seqlen", "16", "--eval-windows", "2", "--eval-seqlen", "32",
+            "--output", str(root / out), "--no-progress", *extra]
+
+
+def test_prune_writes_report_and_plot(workdir, capsys):
+    before = _tree_digest(workdir / "tiny")
+    assert main(_args(workdir, "tiny", "run1", "--sparsity", "0.6", "--eval")) == 0
+    rep = json.loads((workdir / "run1" / "report.json").read_text())
+    for key in ["model", "allocator", "pruner", "pattern", "target_sparsity", "achieved_sparsity", "layer_sparsity",
+                "ppl_dense", "ppl_pruned", "timings", "device", "seed", "nsamples", "seqlen"]:
+        assert key in rep, key
+    assert set(rep["timings"]) >= {"stage1_s", "stage2_s", "eval_s", "total_s"}
+    assert rep["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert rep["ppl_dense"] > 1 and rep["ppl_pruned"] > 1
+    assert (workdir / "run1" / "sparsity.png").stat().st_size > 1000
+    assert _tree_digest(workdir / "tiny") == before, "the source model was modified"
+    assert "achieved sparsity 0.5938 (target 0.6000)" in capsys.readouterr().out  # floor(64 * 0.6) / 64
+    # the written sparsity map can drive another run
+    assert main(_args(workdir, "tiny", "run2", "--sparsity-map", str(workdir / "run1" / "report.json"))) == 0
+    rep2 = json.loads((workdir / "run2" / "report.json").read_text())
+    assert rep2["layer_sparsity"] == rep["layer_sparsity"]
+
+
+BAD = [
+    ("missing-model", dict(model="nope"), "does not exist"),
+    ("odd-width-2:4", dict(model="odd", extra=["--pattern", "2:4"]), "needs in_features divisible by 4"),
+    ("short-calibration", dict(extra=["--calib-text", "SHORT", "--seqlen", "16"]), "too little calibration text"),
+    ("missing-text", dict(extra=["--calib-text", "NOFILE"]), "does not exist"),
+    ("missing-map", dict(extra=["--sparsity-map", "NOFILE"]), "does not exist"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_one_line_error_nothing_written(workdir, capsys, case):
+    _, opts, message = case
+    extra = [str(workdir / "short.txt") if e == "SHORT" else (str(workdir / "nofile") if e == "NOFILE" else e)
+             for e in opts.get("extra", [])]
+    out = f"bad-{case[0]}"
+    args = _args(workdir, opts.get("model", "tiny"), out, *extra)
+    if opts.get("model") == "nope":
+        args[2] = str(workdir / "nope")
+    before = _tree_digest(workdir / "tiny")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ecoflap-fast: error:") and message in err[0], err
+    assert not (workdir / out).exists()
+    assert not list(workdir.glob(f".{out}.tmp-*"))
+    assert _tree_digest(workdir / "tiny") == before
+
+
+def test_existing_output_refused_without_force(workdir, capsys):
+    out = workdir / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(_args(workdir, "tiny", "existing")) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(_args(workdir, "tiny", "existing", "--force")) == 0
+    assert (out / "report.json").exists() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("content,message", [("{not json", "could not be read"), ("", "could not be read")])
+def test_corrupt_model_files(workdir, capsys, content, message):
+    bad = workdir / f"corrupt{len(content)}"
+    bad.mkdir()
+    (bad / "config.json").write_text(content)
+    args = _args(workdir, "tiny", "never")
+    args[2] = str(bad)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    gguf = workdir / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 64)
+    args[2] = str(gguf)
+    assert main(args) == 2
+    assert "could not be read as a GGUF model" in capsys.readouterr().err
+    assert not (workdir / "never").exists()
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "abc"])
+def test_sparsity_out_of_range(workdir, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(_args(workdir, "tiny", "never2", "--sparsity", value))
+    assert e.value.code == 2
+    assert "sparsity must be" in capsys.readouterr().err
+    assert not (workdir / "never2").exists()
