@@ -1,0 +1,134 @@
+"""Generates the tables and plot of benchmarks/README.md from the results CSVs (never typed by hand).
+
+    python benchmarks/report.py            # rewrites the generated section of benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import RESULTS_DIR, read_results  # noqa: E402
+
+README = Path(__file__).resolve().parent / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _latest_run(rows: list[dict]) -> list[dict]:
+    """Rows of the most recent (commit, date) run in a file."""
+    last = max((r["date"], r["commit"]) for r in rows)
+    return [r for r in rows if (r["date"], r["commit"]) == last]
+
+
+def ops_table(rows: list[dict]) -> str:
+    rows = _latest_run(rows)
+    env = rows[0]
+    bw = next((float(r["median"]) for r in rows if r["op"] == "copy"), None)
+    times = defaultdict(dict)
+    for r in rows:
+        if r["metric"] == "time":
+            times[(r["op"], r["shape"], r["dtype"])][r["provider"]] = float(r["median"])
+    frac = {(r["op"], r["shape"]): float(r["median"]) for r in rows
+            if r["metric"] == "fraction_of_copy_bw" and r["provider"] == "ecoflap_fast"}
+    lines = [
+        f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+        f"commit {env['commit']}, {env['date']}. Measured copy bandwidth: {bw:.1f} GB/s." if bw else "",
+        "",
+        "| op | shape | dtype | ecoflap_fast ms | % of copy bw | baseline | baseline ms | speed-up |",
+        "|---|---|---|---:|---:|---|---:|---:|",
+    ]
+    for (op, shape, dtype), provs in times.items():
+        ours = provs.get("ecoflap_fast")
+        if ours is None:
+            continue
+        for prov, t in provs.items():
+            if prov == "ecoflap_fast":
+                continue
+            lines.append(f"| {op} | {shape} | {dtype} | {ours:.2f} | {100 * frac.get((op, shape), 0):.1f}% | "
+                         f"{prov} | {t:.2f} | **{t / ours:.1f}×** |")
+    return "\n".join(lines)
+
+
+def speedup_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _latest_run(rows)
+    sp = [(f"{r['op']}\n{r['shape'].split(' ')[-1]}", r["provider"].replace("speedup_vs_", ""), float(r["median"]))
+          for r in rows if r["metric"] == "speedup"]
+    labels = list(dict.fromkeys(s[0] for s in sp))
+    provs = list(dict.fromkeys(s[1] for s in sp))
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(labels)), 4))
+    width = 0.8 / max(1, len(provs))
+    for j, prov in enumerate(provs):
+        xs = [i + j * width for i, lab in enumerate(labels) for s in sp if s[0] == lab and s[1] == prov]
+        ys = [s[2] for lab in labels for s in sp if s[0] == lab and s[1] == prov]
+        ax.bar(xs, ys, width, label=f"vs {prov}")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_xticks([i + width * (len(provs) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up of ecoflap_fast (×, log)")
+    ax.set_title(f"{rows[0]['device']} — {rows[0]['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Median speed-up over the shapes, per (op, baseline)."""
+    import statistics
+
+    rows = _latest_run(rows)
+    by = defaultdict(list)
+    ours = defaultdict(list)
+    for r in rows:
+        if r["metric"] == "speedup":
+            by[(r["op"], r["provider"].replace("speedup_vs_", ""))].append(float(r["median"]))
+        if r["metric"] == "time" and r["provider"] == "ecoflap_fast":
+            ours[r["op"]].append(r["shape"])
+    lines = [f"{rows[0]['device']}, {rows[0]['date']} (commit {rows[0]['commit']})", "",
+             "| op | baseline | median speed-up over shapes | shapes |", "|---|---|---:|---:|"]
+    for (op, prov), v in by.items():
+        lines.append(f"| {op} | {prov} | **{statistics.median(v):.1f}×** | {len(v)} |")
+    return "\n".join(lines)
+
+
+def _replace_between(path: Path, begin: str, end: str, body: str) -> None:
+    text = path.read_text()
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def main() -> int:
+    sections = []
+    for csv_path in sorted(RESULTS_DIR.glob("ops_*.csv")):
+        rows = read_results(csv_path)
+        if not rows:
+            continue
+        png = RESULTS_DIR / f"{csv_path.stem}.png"
+        speedup_plot(rows, png)
+        sections.append(f"### {csv_path.name}\n\n{ops_table(rows)}\n\n![speed-ups](results/{png.name})\n")
+    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{BEGIN}\n<!-- generated by benchmarks/report.py from benchmarks/results/*.csv -->\n\n"
+                      + "\n".join(sections) + f"\n{END}{tail}")
+    print(f"updated {README}")
+    top = README.parent.parent / "README.md"
+    cpu = RESULTS_DIR / "ops_cpu.csv"
+    if top.exists() and cpu.exists() and "<!-- readme-ops:begin -->" in top.read_text():
+        _replace_between(top, "<!-- readme-ops:begin -->", "<!-- readme-ops:end -->", summary_table(read_results(cpu)))
+        print(f"updated {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
