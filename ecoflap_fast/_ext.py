@@ -29,6 +29,9 @@ def _load() -> None:
         _state.update(ok=False, reason=f"ecoflap_fast._C could not be loaded: {type(e).__name__}: {e}")
         log.warning("%s; falling back to pure-torch ops", _state["reason"])
         return
+    from ._library import register_cpp_fakes
+
+    register_cpp_fakes()
     _state.update(ok=True, reason="loaded")
 
 

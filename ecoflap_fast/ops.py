@@ -14,10 +14,11 @@ Ties: the smaller (flat) index is pruned first, i.e. the first k of a stable asc
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from . import _ext
+from . import _ext, _library, kernels
 from . import reference as ref
 from .reference import BitmaskPacked
 
@@ -126,11 +127,39 @@ def _select_args(width: int, numel: int, sparsity, nm, per) -> tuple[int, int, i
     return ref.num_pruned(numel if per_matrix else width, sparsity), 0, 0, per_matrix
 
 
+def _use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors go to the Triton kernels. ECOFLAP_TRITON_CPU=1 with TRITON_INTERPRET=1 sends CPU
+    tensors there too (to test the GPU dispatch path on a machine without a GPU)."""
+    if not kernels.AVAILABLE:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and kernels.INTERPRET and os.environ.get("ECOFLAP_TRITON_CPU") == "1"
+
+
+def _triton_selects(t: torch.Tensor, m: int, per_matrix: bool) -> bool:
+    return _use_triton(t) and (m != 0 or per_matrix or t.shape[1] <= kernels.MAX_ROW_WIDTH)
+
+
 def _use_cpp(t: torch.Tensor) -> bool:
     """CPU tensors go to the C++ extension when it is loaded; CUDA tensors when it has CUDA kernels."""
     if t.device.type == "cpu":
         return _ext.is_available()
     return t.is_cuda and _ext.has_cuda_kernels()
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _in_place(weight: torch.Tensor, run) -> int:
+    """Run an in-place kernel on ``weight``, through a contiguous copy when it is not contiguous."""
+    if weight.is_contiguous():
+        return int(run(weight))
+    work = weight.contiguous()
+    count = int(run(work))
+    weight.copy_(work)
+    return count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +172,8 @@ def col_sq_norms(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if _use_triton(x):
+        return _library.triton_col_sq_norms(x)
     return ref.col_sq_norms(x)
 
 
@@ -184,6 +215,8 @@ def wanda_scores(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor
     _matrix("weight", weight, _FLOATS)
     scaler_row = _scaler(scaler_row, weight)
     _finite("weight", weight)
+    if _use_triton(weight) and weight.stride(1) == 1:
+        return _library.triton_scores(weight, scaler_row)
     return ref.wanda_scores(weight, scaler_row)
 
 
@@ -192,6 +225,9 @@ def wanda_mask(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> torc
     _matrix("weight", weight, _FLOATS)
     k, n, m, per_matrix = _select_args(weight.shape[1], weight.numel(), sparsity, nm, per)
     scaler_row = _scaler(scaler_row, weight)
+    if _triton_selects(weight, m, per_matrix):
+        _finite("weight", weight)
+        return _library.triton_select_mask(_unit_stride(weight), scaler_row, True, k, n, m, per_matrix)
     if weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf itself, in the same parallel pass
         return _ext.ops().select_mask(weight, scaler_row, True, k, n, m, per_matrix)
     _finite("weight", weight)
@@ -203,13 +239,11 @@ def wanda_prune_(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> in
     _matrix("weight", weight, _FLOATS)
     k, n, m, per_matrix = _select_args(weight.shape[1], weight.numel(), sparsity, nm, per)
     scaler_row = _scaler(scaler_row, weight)
+    if _triton_selects(weight, m, per_matrix):
+        _finite("weight", weight)
+        return _in_place(weight, lambda w: _library.triton_select_prune_(w, scaler_row, k, n, m, per_matrix))
     if weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf before writing anything
-        if weight.is_contiguous():
-            return int(_ext.ops().select_prune_(weight, scaler_row, k, n, m, per_matrix))
-        work = weight.contiguous()
-        count = int(_ext.ops().select_prune_(work, scaler_row, k, n, m, per_matrix))
-        weight.copy_(work)
-        return count
+        return _in_place(weight, lambda w: _ext.ops().select_prune_(w, scaler_row, k, n, m, per_matrix))
     _finite("weight", weight)
     return ref.wanda_prune_(weight, scaler_row, sparsity, nm=nm, per=per)
 
@@ -218,6 +252,9 @@ def select_mask(scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> t
     """bool mask of the k smallest of any score matrix (SparseGPT, RIA, magnitude, ...), SPEC §2 rules."""
     _matrix("scores", scores, _FLOATS)
     k, n, m, per_matrix = _select_args(scores.shape[1], scores.numel(), sparsity, nm, per)
+    if _triton_selects(scores, m, per_matrix):
+        _finite("scores", scores)
+        return _library.triton_select_mask(_unit_stride(scores), None, False, k, n, m, per_matrix)
     if scores.device.type == "cpu" and _ext.is_available():
         return _ext.ops().select_mask(scores, None, False, k, n, m, per_matrix)
     _finite("scores", scores)

@@ -18,3 +18,5 @@ except Exception as e:  # pragma: no cover - depends on the environment
     REASON = f"triton is not importable: {type(e).__name__}: {e}"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Widest row the per-row selection kernel holds in registers; wider rows use the torch path.
+MAX_ROW_WIDTH = 65536
