@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ecoflap-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-gpu bench cmake-build lint clean
+.PHONY: setup demo test test-gpu bench cmake-build nvcc-check lint clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ cmake-build: setup
 	  v, m = torch.ops.ecoflap_fast.pack_24_cutlass(torch.eye(32, dtype=torch.half)); \
 	  assert torch.equal(torch.ops.ecoflap_fast.unpack_24_cutlass(v, m), torch.eye(32, dtype=torch.half)); \
 	  print('cmake build ok: the module loads and round-trips a 2:4 pack')"
+
+# Compile check of the torch-free CUDA device code (no GPU needed); the binding compiles on GPU machines.
+nvcc-check:
+	@if command -v nvcc >/dev/null; then \
+	  for f in csrc/cuda/*.cu; do \
+	    nvcc -c -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_80,code=sm_80 \
+	      -gencode arch=compute_90,code=sm_90 $$f -o /tmp/ecoflap-nvcc-check.o || exit 1; \
+	    echo "nvcc ok: $$f (sm_80, sm_90)"; done; \
+	else echo "nvcc-check skipped: nvcc not found"; fi
 
 lint: setup
 	$(BIN)/ruff check ecoflap_fast kernels benchmarks tests
