@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $@
 
 demo: setup
-	$(BIN)/ecoflap-fast prune --model default --sparsity 0.5 --eval --output out/demo --force
+	$(BIN)/ecoflap-fast prune --model default --allocator ecoflap-zo --sparsity 0.6 --eval --output out/demo --force
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -6,6 +6,7 @@ The prunable set is every 2-D ``nn.Linear`` weight inside the repeated blocks; e
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -64,3 +65,9 @@ def prunable(model: nn.Module) -> dict[str, nn.Linear]:
             for name, lin in linears(block).items():
                 out[f"{tower.path}.{i}.{name}"] = lin
     return out
+
+
+def block_of(name: str) -> str:
+    """'<tower path>.<block index>' of a prunable layer's full name (the block group key)."""
+    m = re.match(r"(.*?\.\d+)\.", name)
+    return m.group(1) if m else name

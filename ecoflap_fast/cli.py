@@ -46,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_sparsity, default=0.5, help="target sparsity over the prunable set, in [0, 1)")
     p.add_argument("--pattern", default="unstructured", choices=list(PATTERNS))
     p.add_argument("--pruner", default="wanda", choices=list(PRUNERS))
-    p.add_argument("--allocator", default="uniform", choices=list(ALLOCATORS))
+    p.add_argument("--allocator", default="ecoflap-zo", choices=list(ALLOCATORS),
+                   help="per-block sparsity: ECoFLaP zeroth/first order, OWL, or uniform (plain Wanda)")
+    p.add_argument("--max-sparsity", type=_sparsity, default=None, help="ECoFLaP bound m (default sparsity + 0.1)")
+    p.add_argument("--zo-estimator", default="grad", choices=["grad", "fd"],
+                   help="zeroth-order estimate: 'grad' <z, grad L> (one backward per batch) or 'fd' finite differences")
+    p.add_argument("--stage1-nsamples", type=int, default=8, help="stage-1 calibration windows (CPU default 8)")
+    p.add_argument("--stage1-seqlen", type=int, default=128)
+    p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
+    p.add_argument("--group", default="block", choices=["block", "tensor"])
+    p.add_argument("--group-reduce", default="sum", choices=["sum", "avg"])
     p.add_argument("--sparsity-map", type=Path, default=None, help="JSON per-layer sparsity map of an earlier run")
     p.add_argument("--nsamples", type=int, default=32, help="stage-2 calibration windows (CPU default 32)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (CPU default 128)")
@@ -79,14 +88,19 @@ def _prune(a) -> dict:
             raise ValueError(f"{a.sparsity_map} has no 'sparsity_map' entry (use a report.json of an earlier run)")
     config = PruneConfig(sparsity=a.sparsity, pattern=a.pattern, pruner=a.pruner, allocator=a.allocator,
                          nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, seed=a.seed,
-                         progress=not a.no_progress, sparsity_map=sparsity_map)
+                         progress=not a.no_progress, sparsity_map=sparsity_map, max_sparsity=a.max_sparsity,
+                         zo_estimator=a.zo_estimator, eps=a.eps, group=a.group, group_reduce=a.group_reduce)
     config.validate()
+    if a.stage1_nsamples <= 0 or a.stage1_seqlen <= 0:
+        raise ValueError("stage-1 nsamples and seqlen must be positive")
     calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer files; calibration text cannot be tokenized")
-    calibration = data.calibration_windows(data.tokenize(tok, calib_texts), a.nsamples, a.seqlen, a.seed)
+    calib_tokens = data.tokenize(tok, calib_texts)
+    calibration = data.calibration_windows(calib_tokens, a.nsamples, a.seqlen, a.seed)
+    stage1_calibration = data.calibration_windows(calib_tokens, a.stage1_nsamples, a.stage1_seqlen, a.seed + 1)
     eval_s = 0.0
     ppl_dense = ppl_pruned = None
     if a.eval:
@@ -94,7 +108,7 @@ def _prune(a) -> dict:
         t = time.perf_counter()
         ppl_dense = evaluate.perplexity(model, windows, progress=config.progress, desc="perplexity (dense)")
         eval_s += time.perf_counter() - t
-    rep = prune_(model, calibration, config)
+    rep = prune_(model, calibration, config, stage1_calibration=stage1_calibration)
     if a.eval:
         t = time.perf_counter()
         ppl_pruned = evaluate.perplexity(model, windows, progress=config.progress, desc="perplexity (pruned)")
@@ -138,6 +152,8 @@ def main(argv=None) -> int:
             if rep["ppl_pruned"] is not None:
                 line += f"; held-out perplexity {rep['ppl_dense']:.2f} dense -> {rep['ppl_pruned']:.2f} pruned"
             print(line)
+            print(f"stage 1: {rep['stage1']['method']}" + (f" (fallback: {rep['stage1']['fallback']})"
+                                                              if rep['stage1'].get('fallback') else ""))
             print(f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
                   f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png")
         else:

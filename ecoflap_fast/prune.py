@@ -21,7 +21,7 @@ from . import ops
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
 PRUNERS = ("wanda", "magnitude")
-ALLOCATORS = ("uniform",)
+ALLOCATORS = ("ecoflap-zo", "ecoflap-fo", "owl", "uniform")
 
 
 @dataclass
@@ -36,6 +36,20 @@ class PruneConfig:
     seed: int = 0
     progress: bool = True
     sparsity_map: dict | None = field(default=None, repr=False)
+    # stage 1 (ECoFLaP)
+    max_sparsity: float | None = None  # m; default sparsity + 0.1
+    zo_estimator: str = "grad"  # "grad" (one backward per batch) or "fd" (forward-only finite differences)
+    eps: float = 1e-3
+    group: str = "block"  # "block" or "tensor"
+    group_reduce: str = "sum"  # "sum" or "avg"
+    fo_metric: str = "wg"  # first order: |W|*g ("wg") or g ("g")
+    # OWL
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+
+    @property
+    def m(self) -> float:
+        return self.max_sparsity if self.max_sparsity is not None else min(self.sparsity + 0.1, 0.99)
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
@@ -52,6 +66,14 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_sparsity is not None and not self.sparsity <= self.max_sparsity < 1:
+            raise ValueError(f"max sparsity must be in [sparsity={self.sparsity}, 1), got {self.max_sparsity}")
+        if self.zo_estimator not in ("grad", "fd"):
+            raise ValueError(f"zo estimator must be 'grad' or 'fd', got {self.zo_estimator!r}")
+        if self.group not in ("block", "tensor") or self.group_reduce not in ("sum", "avg"):
+            raise ValueError(f"group must be block|tensor and group reduce sum|avg, got {self.group}/{self.group_reduce}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
 
 
 class _Captured(Exception):
@@ -108,41 +130,25 @@ def measure_sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
     return zeros / total, per
 
 
-def allocate(model: nn.Module, config: PruneConfig) -> dict[str, float]:
-    """Per-Linear sparsity (full module name -> sparsity)."""
-    layers = blocks_mod.prunable(model)
-    nm = PATTERNS[config.pattern]
-    if nm is not None:
-        for name, lin in layers.items():
-            if lin.in_features % nm[1]:
-                raise ValueError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}; "
-                                 f"{name} has {lin.in_features}")
-    if config.sparsity_map is not None:
-        missing = sorted(set(layers) - set(config.sparsity_map))
-        if missing:
-            raise ValueError(f"sparsity map has no entry for {len(missing)} layers, first {missing[0]!r}")
-        out = {n: float(config.sparsity_map[n]) for n in layers}
-        bad = [n for n, v in out.items() if not 0 <= v < 1]
-        if bad:
-            raise ValueError(f"sparsity map entry {bad[0]!r} = {out[bad[0]]} is outside [0, 1)")
-        return out
-    return {n: float(config.sparsity) for n in layers}
+def _group_of(name: str, group: str) -> str:
+    return name if group == "tensor" else blocks_mod.block_of(name)
+
+
+def _block_key(tower: blocks_mod.Tower, index: int) -> str:
+    return f"{tower.path}.{index}"
 
 
 @torch.no_grad()
-def prune_(model: nn.Module, calibration: torch.Tensor, config: PruneConfig | None = None) -> dict:
-    """Prune ``model`` in place with calibration token windows ``[n, seqlen]``; returns the report."""
-    config = config or PruneConfig()
-    config.validate()
+def sequential_pass(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, on_block, desc: str) -> None:
+    """Walk the blocks in order with the captured calibration inputs: accumulate each Linear's
+    activation statistics (weights as they are), call ``on_block(tower, index, block, accumulators)``
+    (which may prune), then run the inputs through the block for the next one."""
     towers = blocks_mod.find_towers(model)
     if any(t.family.startswith("clip") for t in towers):
-        raise NotImplementedError("CLIP pruning is not available yet in this driver")
-    t0 = time.perf_counter()
-    sparsities = allocate(model, config)
-    t1 = time.perf_counter()
+        raise NotImplementedError("CLIP models are not supported by this driver yet (LLaMA-family and OPT are)")
     tower = towers[0]
     inputs = capture_block_inputs(model, tower.blocks[0], calibration, config.batch_size)
-    for i, block in enumerate(tqdm(tower.blocks, desc="stage 2: prune blocks", disable=not config.progress)):
+    for i, block in enumerate(tqdm(tower.blocks, desc=desc, disable=not config.progress)):
         layers = blocks_mod.linears(block)
         accs = {name: ops.ActNormAccumulator(lin.in_features, lin.weight.device) for name, lin in layers.items()}
         hooks = [lin.register_forward_hook(lambda _m, inp, _out, a=accs[name]: a.add(inp[0].detach()))
@@ -152,9 +158,95 @@ def prune_(model: nn.Module, calibration: torch.Tensor, config: PruneConfig | No
         finally:
             for h in hooks:
                 h.remove()
-        for name, lin in layers.items():
-            _prune_linear(lin, accs[name], sparsities[f"{tower.path}.{i}.{name}"], config)
+        on_block(tower, i, block, accs)
         inputs = _block_forward(block, inputs)
+
+
+def _check_layers(layers: dict, config: PruneConfig) -> None:
+    nm = PATTERNS[config.pattern]
+    if nm is not None:
+        for name, lin in layers.items():
+            if lin.in_features % nm[1]:
+                raise ValueError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}; "
+                                 f"{name} has {lin.in_features}")
+
+
+def allocate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
+             stage1_batches: list[torch.Tensor] | None = None) -> tuple[dict[str, float], dict]:
+    """Per-Linear sparsity (full module name -> sparsity) and what stage 1 measured."""
+    from . import stage1
+    from .allocate import ecoflap_allocation, owl_sparsities
+
+    layers = blocks_mod.prunable(model)
+    _check_layers(layers, config)
+    if config.sparsity_map is not None:
+        missing = sorted(set(layers) - set(config.sparsity_map))
+        if missing:
+            raise ValueError(f"sparsity map has no entry for {len(missing)} layers, first {missing[0]!r}")
+        out = {n: float(config.sparsity_map[n]) for n in layers}
+        bad = [n for n, v in out.items() if not 0 <= v < 1]
+        if bad:
+            raise ValueError(f"sparsity map entry {bad[0]!r} = {out[bad[0]]} is outside [0, 1)")
+        return out, {"method": "sparsity map given"}
+    uniform = {n: float(config.sparsity) for n in layers}
+    if config.allocator == "uniform":
+        return uniform, {"method": "uniform"}
+    if PATTERNS[config.pattern] is not None:
+        return uniform, {"method": f"uniform ({config.pattern} fixes every layer at {config.sparsity:g})"}
+    if config.allocator == "owl":
+        ratios: dict[str, float] = {}
+
+        def outliers(tower, i, block, accs):
+            scores = torch.cat([ops.wanda_scores(lin.weight.data, accs[n].scaler_row).flatten()
+                                for n, lin in blocks_mod.linears(block).items()])
+            ratios[_block_key(tower, i)] = float((scores > config.owl_m * scores.mean()).float().mean())
+
+        sequential_pass(model, calibration, config, outliers, "OWL: outlier ratios")
+        keys = list(ratios)
+        per_block = dict(zip(keys, owl_sparsities([ratios[k] for k in keys], config.sparsity, config.owl_lambda)))
+        return ({n: per_block[_group_of(n, "block")] for n in layers},
+                {"method": f"OWL (M={config.owl_m}, lambda={config.owl_lambda})", "outlier_ratio": ratios})
+    method = "zo" if config.allocator == "ecoflap-zo" else "fo"
+    res = stage1.tensor_scores(model, stage1_batches, method=method, estimator=config.zo_estimator, eps=config.eps,
+                               seed=config.seed, fo_metric=config.fo_metric, progress=config.progress)
+    groups: dict[str, list[str]] = {}
+    for n in layers:
+        groups.setdefault(_group_of(n, config.group), []).append(n)
+    keys = list(groups)
+    sizes = [sum(layers[n].weight.numel() for n in groups[g]) for g in keys]
+    scores = [sum(res.tensor_scores[n] for n in groups[g]) for g in keys]
+    if config.group_reduce == "avg":
+        scores = [sc / sz for sc, sz in zip(scores, sizes)]
+    alloc = ecoflap_allocation(sizes, scores, config.sparsity, config.m)
+    per_group = dict(zip(keys, alloc.sparsity))
+    info = {"method": f"ECoFLaP stage 1: {res.method}", "stage1_s": res.seconds, "max_sparsity": config.m,
+            "group": config.group, "group_reduce": config.group_reduce, "group_scores": dict(zip(keys, scores)),
+            "tensor_scores": res.tensor_scores, "fallback": alloc.fallback}
+    return {n: per_group[_group_of(n, config.group)] for n in layers}, info
+
+
+@torch.no_grad()
+def prune_(model: nn.Module, calibration: torch.Tensor, config: PruneConfig | None = None,
+           stage1_calibration: torch.Tensor | None = None) -> dict:
+    """Prune ``model`` in place with calibration token windows ``[n, seqlen]``; returns the report.
+
+    ``stage1_calibration`` (windows for the ECoFLaP scores) defaults to the first calibration windows.
+    """
+    config = config or PruneConfig()
+    config.validate()
+    blocks_mod.find_towers(model)
+    t0 = time.perf_counter()
+    if stage1_calibration is None:
+        stage1_calibration = calibration[:8]
+    batches = list(stage1_calibration.split(4))
+    sparsities, stage1_info = allocate(model, config, calibration, batches)
+    t1 = time.perf_counter()
+
+    def prune_block(tower, i, block, accs):
+        for name, lin in blocks_mod.linears(block).items():
+            _prune_linear(lin, accs[name], sparsities[f"{tower.path}.{i}.{name}"], config)
+
+    sequential_pass(model, calibration, config, prune_block, "stage 2: prune blocks")
     t2 = time.perf_counter()
     achieved, per_layer = measure_sparsity(model)
     return {
@@ -165,6 +257,7 @@ def prune_(model: nn.Module, calibration: torch.Tensor, config: PruneConfig | No
         "achieved_sparsity": achieved,
         "layer_sparsity": per_layer,
         "sparsity_map": sparsities,
+        "stage1": stage1_info,
         "timings": {"stage1_s": t1 - t0, "stage2_s": t2 - t1},
         "seed": config.seed,
         "nsamples": config.nsamples,

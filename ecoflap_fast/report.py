@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -20,10 +19,11 @@ def check_destination(out: Path, force: bool) -> None:
 
 def block_sparsity(layer_sparsity: dict[str, float], numels: dict[str, int] | None = None) -> dict[str, float]:
     """Mean sparsity of each block ('<tower path>.<index>'), weighted by layer size when known."""
+    from .blocks import block_of
+
     acc = defaultdict(lambda: [0.0, 0])
     for name, s in layer_sparsity.items():
-        m = re.match(r"(.*?\.\d+)\.", name)
-        key = m.group(1) if m else name
+        key = block_of(name)
         w = (numels or {}).get(name, 1)
         acc[key][0] += s * w
         acc[key][1] += w

@@ -68,3 +68,28 @@ def test_sparsity_map_reuse():
         assert rep["layer_sparsity"][n] == pytest.approx(smap[n], abs=1 / 64)
     with pytest.raises(ValueError, match="sparsity map has no entry"):
         prune_(tiny_llama(), torch.randint(0, 128, (4, 16)), PruneConfig(sparsity_map={names[0]: 0.5}, progress=False))
+
+
+@pytest.mark.parametrize("allocator", ["ecoflap-zo", "ecoflap-fo", "owl"])
+@pytest.mark.parametrize("family", list(MODELS))
+def test_non_uniform_allocators_hit_the_target(family, allocator):
+    model = MODELS[family](layers=4)
+    calibration = torch.randint(0, 128, (8, 16))
+    config = PruneConfig(sparsity=0.5, allocator=allocator, progress=False, nsamples=8, seqlen=16)
+    rep = prune_(model, calibration, config, stage1_calibration=calibration[:4])
+    per_block = {}
+    for name, s in rep["sparsity_map"].items():
+        per_block.setdefault(blocks.block_of(name), set()).add(s)
+    assert len(per_block) == 4 and all(len(v) == 1 for v in per_block.values())  # one sparsity per block
+    values = [next(iter(v)) for v in per_block.values()]
+    assert max(values) <= 0.6 + 1e-9  # max sparsity m = s + 0.1 (OWL: s + lambda)
+    assert len(set(values)) > 1  # non-uniform
+    assert rep["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert rep["stage1"]["method"]
+
+
+def test_nm_pattern_ignores_allocation():
+    rep = prune_(tiny_llama(), torch.randint(0, 128, (4, 16)),
+                 PruneConfig(pattern="2:4", allocator="ecoflap-zo", progress=False))
+    assert "uniform" in rep["stage1"]["method"]
+    assert all(s == 0.5 for s in rep["layer_sparsity"].values())

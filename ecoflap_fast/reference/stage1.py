@@ -1,0 +1,48 @@
+"""Plain, slow zeroth-order stage 1 in the official order: the oracle of the fast implementations.
+
+For every calibration batch b and every prunable tensor t: draw z ~ N(0, I) from the seed of (t, b),
+evaluate the model's full loss at W_t + εz and at W_t − εz (one full forward each), restore W_t
+from a copy, and accumulate a_t += |L+ − L−| / (2ε). (Sung et al., ECoFLaP, ICLR 2024, §3.1.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def noise_seed(seed: int, tensor_index: int, batch_index: int) -> int:
+    """The seed of z for (tensor, batch); shared by every implementation so scores are comparable."""
+    return (seed * 1_000_003 + tensor_index * 10_007 + batch_index * 101 + 17) % (2**63 - 1)
+
+
+def noise_like(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """z ~ N(0, I) in fp32 with the shape of ``weight``, regenerated from ``seed`` (never stored)."""
+    g = torch.Generator(device=weight.device).manual_seed(seed)
+    return torch.randn(weight.shape, generator=g, dtype=torch.float32, device=weight.device)
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the whole sequence, in fp32."""
+    logits = model(input_ids, use_cache=False).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def zo_tensor_scores(model, layers: dict, batches: list[torch.Tensor], eps: float = 1e-3, seed: int = 0,
+                     loss_fn=causal_lm_loss, only: set[str] | None = None) -> dict[str, float]:
+    """a_t for every tensor in ``layers`` (name -> nn.Linear), or only those named in ``only``."""
+    scores = {name: 0.0 for name in layers if only is None or name in only}
+    for b, batch in enumerate(batches):
+        for t, (name, lin) in enumerate(layers.items()):
+            if name not in scores:
+                continue
+            w = lin.weight.data
+            original = w.clone()
+            z = noise_like(w, noise_seed(seed, t, b))
+            w.copy_((original.float() + eps * z).to(w.dtype))
+            plus = float(loss_fn(model, batch))
+            w.copy_((original.float() - eps * z).to(w.dtype))
+            minus = float(loss_fn(model, batch))
+            w.copy_(original)
+            scores[name] += abs(plus - minus) / (2 * eps)
+    return scores
