@@ -107,6 +107,42 @@ def _replace_between(path: Path, begin: str, end: str, body: str) -> None:
     path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
+def quality_table(rows: list[dict]) -> str:
+    """Perplexity per method (rows) and sparsity (columns), from quality_*.csv."""
+    rows = _latest_run(rows)
+    ppl = {(r["provider"], r["shape"]): float(r["median"]) for r in rows if r["op"] == "perplexity"}
+    dense = ppl.get(("dense", "0"))
+    sparsities = sorted({s for (m, s) in ppl if m != "dense"}, key=float)
+    methods = [m for m in ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"] if any((m, s) in ppl for s in sparsities)]
+    lines = [f"{rows[0]['device']}, {rows[0]['date']} (commit {rows[0]['commit']}); dense perplexity "
+             f"**{dense:.2f}**" if dense else "", "",
+             "| method | " + " | ".join(f"sparsity {s}" for s in sparsities) + " |",
+             "|---|" + "---:|" * len(sparsities)]
+    for m in methods:
+        cells = []
+        for s in sparsities:
+            v = ppl.get((m, s))
+            u = ppl.get(("uniform", s))
+            cells.append("—" if v is None else f"{v:.1f}" + (f" ({v / u:.2f}×)" if u and m != "uniform" else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage1_table(rows: list[dict]) -> str:
+    rows = _latest_run(rows)
+    get = {(r["provider"], r["metric"]): float(r["median"]) for r in rows}
+    shape = rows[0]["shape"]
+    lines = [f"{rows[0]['device']}, {rows[0]['date']}; {shape}", "",
+             "| implementation | seconds | vs reference | rel. error median | p90 | max |", "|---|---:|---:|---:|---:|---:|",
+             f"| reference (full forward per perturbation) | {get[('reference', 'time')]:.1f} | 1× | — | — | — |"]
+    for name in ["fast_fd", "grad_estimator"]:
+        if (name, "time") in get:
+            lines.append(f"| {name} | {get[(name, 'time')]:.1f} | {get[(name, 'speedup_vs_reference')]:.1f}× | "
+                         f"{100 * get[(name, 'rel_err_median')]:.2f}% | {100 * get[(name, 'rel_err_p90')]:.2f}% | "
+                         f"{100 * get[(name, 'rel_err_max')]:.2f}% |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     sections = []
     for csv_path in sorted(RESULTS_DIR.glob("ops_*.csv")):
@@ -127,6 +163,12 @@ def main() -> int:
     if top.exists() and cpu.exists() and "<!-- readme-ops:begin -->" in top.read_text():
         _replace_between(top, "<!-- readme-ops:begin -->", "<!-- readme-ops:end -->", summary_table(read_results(cpu)))
         print(f"updated {top}")
+    for name, marker, table in [("quality_cpu.csv", "readme-quality", quality_table),
+                                ("stage1_cpu.csv", "readme-stage1", stage1_table)]:
+        path = RESULTS_DIR / name
+        if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():
+            _replace_between(top, f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->", table(read_results(path)))
+            print(f"updated {top} ({marker})")
     return 0
 
 
