@@ -96,26 +96,41 @@ def _prune(a) -> dict:
     calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
+    is_clip = model.config.model_type == "clip"
     if tok is None:
-        raise ValueError(f"{a.model} has no tokenizer files; calibration text cannot be tokenized")
-    calib_tokens = data.tokenize(tok, calib_texts)
-    calibration = data.calibration_windows(calib_tokens, a.nsamples, a.seqlen, a.seed)
-    stage1_calibration = data.calibration_windows(calib_tokens, a.stage1_nsamples, a.stage1_seqlen, a.seed + 1)
+        what = "an image processor and tokenizer" if is_clip else "tokenizer files"
+        raise ValueError(f"{a.model} has no {what}; calibration data cannot be prepared")
+    if is_clip:  # image-text pairs: contrastive loss instead of perplexity
+        calib_pairs, held_pairs = data.image_text_pairs()
+        calibration = data.clip_batches(calib_pairs, *tok, batch_size=a.batch_size)
+        stage1_calibration = calibration
+        measure = lambda desc: evaluate.contrastive_loss(model, held_batches, progress=config.progress)  # noqa: E731
+        if a.eval:
+            held_batches = data.clip_batches(held_pairs, *tok, batch_size=a.batch_size)
+    else:
+        calib_tokens = data.tokenize(tok, calib_texts)
+        calibration = data.calibration_windows(calib_tokens, a.nsamples, a.seqlen, a.seed)
+        stage1_calibration = data.calibration_windows(calib_tokens, a.stage1_nsamples, a.stage1_seqlen, a.seed + 1)
+        measure = lambda desc: evaluate.perplexity(model, windows, progress=config.progress, desc=desc)  # noqa: E731
+        if a.eval:
+            windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
     eval_s = 0.0
     ppl_dense = ppl_pruned = None
     if a.eval:
-        windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
         t = time.perf_counter()
-        ppl_dense = evaluate.perplexity(model, windows, progress=config.progress, desc="perplexity (dense)")
+        ppl_dense = measure("perplexity (dense)")
         eval_s += time.perf_counter() - t
     rep = prune_(model, calibration, config, stage1_calibration=stage1_calibration)
     if a.eval:
         t = time.perf_counter()
-        ppl_pruned = evaluate.perplexity(model, windows, progress=config.progress, desc="perplexity (pruned)")
+        ppl_pruned = measure("perplexity (pruned)")
         eval_s += time.perf_counter() - t
     from .blocks import prunable
 
-    rep = {"model": a.model, **rep, "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned, "device": device,
+    metric = "contrastive_loss" if is_clip else "ppl"
+    rep = {"model": a.model, **rep, "eval_metric": metric if a.eval else None,
+           "ppl_dense": None if is_clip else ppl_dense, "ppl_pruned": None if is_clip else ppl_pruned,
+           "loss_dense": ppl_dense if is_clip else None, "loss_pruned": ppl_pruned if is_clip else None, "device": device,
            "dtype": DTYPES[a.dtype], "eval_windows": a.eval_windows if a.eval else None,
            "eval_seqlen": a.eval_seqlen if a.eval else None,
            "layer_numel": {n: lin.weight.numel() for n, lin in prunable(model).items()}}
@@ -151,6 +166,8 @@ def main(argv=None) -> int:
                     f"achieved sparsity {rep['achieved_sparsity']:.4f} (target {rep['target_sparsity']:.4f})")
             if rep["ppl_pruned"] is not None:
                 line += f"; held-out perplexity {rep['ppl_dense']:.2f} dense -> {rep['ppl_pruned']:.2f} pruned"
+            if rep.get("loss_pruned") is not None:
+                line += f"; held-out contrastive loss {rep['loss_dense']:.4f} dense -> {rep['loss_pruned']:.4f} pruned"
             print(line)
             print(f"stage 1: {rep['stage1']['method']}" + (f" (fallback: {rep['stage1']['fallback']})"
                                                               if rep['stage1'].get('fallback') else ""))

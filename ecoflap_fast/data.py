@@ -89,3 +89,72 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     if n == 0:
         raise ValueError(f"too little evaluation text: {tokens.numel()} tokens for one window of {seqlen}")
     return tokens[: n * seqlen].reshape(n, seqlen)
+
+
+# ---- image-text pairs for CLIP-style models -------------------------------------------------
+# scikit-image's bundled sample images, each with a caption written for this engine.
+IMAGE_CAPTIONS = {
+    "astronaut": "a portrait of an astronaut in a white spacesuit in front of a flag",
+    "brick": "a grayscale texture of a brick wall",
+    "camera": "a black and white photo of a man standing behind a camera on a tripod",
+    "chelsea": "an orange tabby cat looking at the camera",
+    "checkerboard": "a black and white checkerboard pattern",
+    "clock": "a grayscale photo of a wall clock",
+    "coffee": "a cup of coffee on a saucer with a spoon",
+    "coins": "a grayscale photo of old coins laid out in rows",
+    "colorwheel": "a circular color wheel showing every hue",
+    "grass": "a grayscale close-up texture of grass",
+    "gravel": "a grayscale close-up texture of gravel",
+    "horse": "a black silhouette of a horse on a white background",
+    "hubble_deep_field": "a deep space image full of distant galaxies",
+    "immunohistochemistry": "a microscope image of stained tissue cells",
+    "logo": "a colorful logo with a snake and a python",
+    "microaneurysms": "a small grayscale medical image of retinal blood vessels",
+    "moon": "a grayscale photo of craters on the surface of the moon",
+    "page": "a scanned page of a printed book",
+    "retina": "a color photo of the back of a human eye",
+    "rocket": "a rocket on the launch pad under a blue sky",
+    "text": "a photo of handwritten and printed text on a board",
+}
+
+
+def _rgb(array):
+    import numpy as np
+
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        a = (255 * (a.astype(np.float64) / max(float(a.max()), 1e-12))).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, axis=-1)
+    return a[..., :3]
+
+
+def image_text_pairs() -> tuple[list[tuple], list[tuple]]:
+    """(calibration, held-out) lists of (RGB uint8 image, caption); pair i is held out when i % 4 == 0."""
+    try:
+        import skimage.data as sk
+    except ImportError as e:
+        raise ImportError("image-text pairs need scikit-image (pip install scikit-image)") from e
+    pairs = [(_rgb(getattr(sk, name)()), caption) for name, caption in IMAGE_CAPTIONS.items()]
+    calib = [p for i, p in enumerate(pairs) if i % 4]
+    held = [p for i, p in enumerate(pairs) if i % 4 == 0]
+    return calib, held
+
+
+def clip_batches(pairs: list[tuple], image_processor, tokenizer, batch_size: int = 8,
+                 max_length: int | None = None) -> list[dict]:
+    """Model-input dicts (pixel_values, input_ids, attention_mask) for a CLIP-style model."""
+    if len(pairs) < 2:
+        raise ValueError(f"a contrastive batch needs at least 2 image-text pairs, got {len(pairs)}")
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        if len(chunk) < 2:  # a lone pair has no negatives: fold it into the previous batch
+            chunk = pairs[start - 1 : start + batch_size]
+            out.pop()
+        images = image_processor([p[0] for p in chunk], return_tensors="pt")
+        text = tokenizer([p[1] for p in chunk], padding=True, truncation=max_length is not None,
+                         max_length=max_length, return_tensors="pt")
+        out.append({"pixel_values": images["pixel_values"], "input_ids": text["input_ids"],
+                    "attention_mask": text["attention_mask"]})
+    return out

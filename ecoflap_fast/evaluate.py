@@ -22,3 +22,12 @@ def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, progress: b
         total += float(loss)
         count += chunk[:, 1:].numel()
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def contrastive_loss(model, batches: list[dict], *, progress: bool = True) -> float:
+    """Mean symmetric image-text contrastive loss of a CLIP-style model over held-out batches."""
+    from .reference.stage1 import model_loss
+
+    losses = [float(model_loss(model, b)) for b in tqdm(batches, desc="contrastive loss", disable=not progress, leave=False)]
+    return sum(losses) / len(losses)

@@ -142,13 +142,9 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def _optional_processor(path: Path):
-    if not _has_tokenizer(path):
+    """(image_processor, tokenizer) of a CLIP folder, or None when either is missing."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if not _has_tokenizer(path) or not (path / "preprocessor_config.json").is_file():
         return None
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except Exception:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
+    return AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path)

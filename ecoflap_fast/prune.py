@@ -81,23 +81,43 @@ class _Captured(Exception):
         self.args_, self.kwargs_ = args, kwargs
 
 
+def model_batches(calibration, batch_size: int) -> list:
+    """Calibration as a list of model-input dicts: token windows [n, T] are split into batches;
+    a list of dicts (image-text batches) is used as it is."""
+    if isinstance(calibration, torch.Tensor):
+        return [{"input_ids": c} for c in calibration.split(batch_size)]
+    return list(calibration)
+
+
+def _call(model: nn.Module, inputs: dict):
+    from .reference.stage1 import to_device
+
+    kwargs = to_device(inputs, next(model.parameters()).device)
+    if "pixel_values" not in kwargs:
+        kwargs["use_cache"] = False
+    return model(**kwargs)
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration: torch.Tensor, batch_size: int):
-    """[(hidden_states, kwargs)] per calibration chunk, as block 0 of the model receives them."""
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration, batch_size: int):
+    """[(hidden_states, other positional args, kwargs)] per calibration batch, as ``first_block``
+    receives them."""
     def grab(_module, args, kwargs):
         raise _Captured(args, kwargs)
 
-    device = next(model.parameters()).device
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     captured = []
     try:
-        for chunk in calibration.split(batch_size):
+        for inputs in model_batches(calibration, batch_size):
             try:
-                model(chunk.to(device), use_cache=False)
+                _call(model, inputs)
             except _Captured as c:
                 kwargs = dict(c.kwargs_)
-                hidden = c.args_[0] if c.args_ else kwargs.pop("hidden_states")
-                captured.append((hidden, kwargs))
+                if c.args_:
+                    hidden, rest = c.args_[0], tuple(c.args_[1:])
+                else:
+                    hidden, rest = kwargs.pop("hidden_states"), ()
+                captured.append((hidden, rest, kwargs))
             else:
                 raise RuntimeError("the first transformer block was never called during the forward pass")
     finally:
@@ -107,9 +127,9 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration: 
 
 def _block_forward(block: nn.Module, inputs):
     out = []
-    for hidden, kwargs in inputs:
-        y = block(hidden, **kwargs)
-        out.append((y[0] if isinstance(y, (tuple, list)) else y, kwargs))
+    for hidden, rest, kwargs in inputs:
+        y = block(hidden, *rest, **kwargs)
+        out.append((y[0] if isinstance(y, (tuple, list)) else y, rest, kwargs))
     return out
 
 
@@ -139,14 +159,16 @@ def _block_key(tower: blocks_mod.Tower, index: int) -> str:
 
 
 @torch.no_grad()
-def sequential_pass(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, on_block, desc: str) -> None:
-    """Walk the blocks in order with the captured calibration inputs: accumulate each Linear's
-    activation statistics (weights as they are), call ``on_block(tower, index, block, accumulators)``
-    (which may prune), then run the inputs through the block for the next one."""
-    towers = blocks_mod.find_towers(model)
-    if any(t.family.startswith("clip") for t in towers):
-        raise NotImplementedError("CLIP models are not supported by this driver yet (LLaMA-family and OPT are)")
-    tower = towers[0]
+def sequential_pass(model: nn.Module, calibration, config: PruneConfig, on_block, desc: str) -> None:
+    """Walk every tower's blocks in forward order with the captured calibration inputs: accumulate
+    each Linear's activation statistics (weights as they are), call ``on_block(tower, index, block,
+    accumulators)`` (which may prune), then run the inputs through the block for the next one.
+    Each tower's inputs are captured after the towers before it were processed."""
+    for tower in blocks_mod.find_towers(model):
+        _sequential_tower(model, tower, calibration, config, on_block, f"{desc} ({tower.family})")
+
+
+def _sequential_tower(model, tower, calibration, config, on_block, desc) -> None:
     inputs = capture_block_inputs(model, tower.blocks[0], calibration, config.batch_size)
     for i, block in enumerate(tqdm(tower.blocks, desc=desc, disable=not config.progress)):
         layers = blocks_mod.linears(block)
@@ -226,19 +248,20 @@ def allocate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
 
 
 @torch.no_grad()
-def prune_(model: nn.Module, calibration: torch.Tensor, config: PruneConfig | None = None,
-           stage1_calibration: torch.Tensor | None = None) -> dict:
-    """Prune ``model`` in place with calibration token windows ``[n, seqlen]``; returns the report.
+def prune_(model: nn.Module, calibration, config: PruneConfig | None = None, stage1_calibration=None) -> dict:
+    """Prune ``model`` in place; returns the report.
 
-    ``stage1_calibration`` (windows for the ECoFLaP scores) defaults to the first calibration windows.
+    ``calibration``: token windows ``[n, seqlen]`` (causal LMs) or a list of model-input dicts
+    (CLIP-style image-text batches from ``data.clip_batches``). ``stage1_calibration`` (for the
+    ECoFLaP scores) defaults to the first calibration windows / the same batches.
     """
     config = config or PruneConfig()
     config.validate()
     blocks_mod.find_towers(model)
     t0 = time.perf_counter()
     if stage1_calibration is None:
-        stage1_calibration = calibration[:8]
-    batches = list(stage1_calibration.split(4))
+        stage1_calibration = calibration[:8] if isinstance(calibration, torch.Tensor) else calibration
+    batches = model_batches(stage1_calibration, 4)
     sparsities, stage1_info = allocate(model, config, calibration, batches)
     t1 = time.perf_counter()
 

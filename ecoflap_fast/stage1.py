@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import blocks as blocks_mod
-from .reference.stage1 import causal_lm_loss, noise_like, noise_seed
+from .reference.stage1 import model_loss, noise_like, noise_seed, zo_tensor_scores
 
 
 @dataclass
@@ -78,15 +78,19 @@ def zo_fd_scores(model: nn.Module, batches: list[torch.Tensor], *, eps: float = 
     """Fast forward-only finite differences (cached block inputs, batched ± perturbations)."""
     from .prune import capture_block_inputs
 
-    tower = blocks_mod.find_towers(model)[0]
+    towers = blocks_mod.find_towers(model)
+    if len(towers) != 1 or towers[0].family not in ("llama", "opt"):
+        # no cached-input fast path for multi-tower models: finite differences in the plain order
+        return zo_tensor_scores(model, blocks_mod.prunable(model), batches, eps=eps, seed=seed)
+    tower = towers[0]
     head = _head(model, tower)
     names = list(blocks_mod.prunable(model))
     index = {n: i for i, n in enumerate(names)}
     scores: dict[str, float] = {}
     for b, ids in enumerate(batches):
         device = next(model.parameters()).device
-        ids = ids.to(device)
-        (hidden, kwargs), = capture_block_inputs(model, tower.blocks[0], ids, ids.shape[0])
+        ids = (ids["input_ids"] if isinstance(ids, dict) else ids).to(device)
+        (hidden, rest, kwargs), = capture_block_inputs(model, tower.blocks[0], ids, ids.shape[0])
         bar = tqdm(list(enumerate(tower.blocks)), desc=f"stage 1 (fd) batch {b + 1}/{len(batches)}",
                    disable=not progress, leave=False)
         for l, block in bar:
@@ -114,9 +118,10 @@ def zo_fd_scores(model: nn.Module, batches: list[torch.Tensor], *, eps: float = 
                     hooks.append(lin.register_forward_hook(shift))
                 h = hidden.repeat(reps, *([1] * (hidden.dim() - 1)))
                 kw = _tile_kwargs(kwargs, reps)
+                args = tuple(_tile_kwargs(dict(enumerate(rest)), reps).values())
                 try:
                     for k in range(l, len(tower.blocks)):
-                        y = tower.blocks[k](h, **kw)
+                        y = tower.blocks[k](h, *args, **kw)
                         h = y[0] if isinstance(y, (tuple, list)) else y
                         if k == l:
                             for hk in hooks:
@@ -130,7 +135,7 @@ def zo_fd_scores(model: nn.Module, batches: list[torch.Tensor], *, eps: float = 
                     full = f"{tower.path}.{l}.{lname}"
                     plus, minus = float(losses[2 * j]), float(losses[2 * j + 1])
                     scores[full] = scores.get(full, 0.0) + abs(plus - minus) / (2 * eps)
-            y = block(hidden, **kwargs)
+            y = block(hidden, *rest, **kwargs)
             hidden = y[0] if isinstance(y, (tuple, list)) else y
     return scores
 
@@ -154,12 +159,10 @@ def _backward_pass(model: nn.Module, batches: list[torch.Tensor], on_grad, progr
                 p.grad = None
 
             handles.append(w.register_post_accumulate_grad_hook(hook))
-        device = next(model.parameters()).device
-        for b, ids in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+        for b, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
             state["batch"] = b
             with torch.enable_grad():
-                loss = causal_lm_loss(model, ids.to(device))
-                loss.backward()
+                model_loss(model, batch).backward()
     finally:
         for h in handles:
             h.remove()

@@ -24,7 +24,8 @@ def test_fast_fd_equals_reference(family):
     assert set(got) == set(want)
     # An fp32 loss resolves a finite difference only to ulp(L) / (2ε) per batch: allow 1% plus a few
     # of those quanta (the reference carries the same rounding).
-    loss = max(float(ref_stage1.causal_lm_loss(model, b)) for b in batches)
+    with torch.no_grad():
+        loss = max(float(ref_stage1.causal_lm_loss(model, b)) for b in batches)
     ulp32 = 2.0 ** (math.floor(math.log2(loss)) - 23)
     quantum = len(batches) * ulp32 / (2 * 1e-3)
     for name in want:

@@ -80,16 +80,34 @@ int64_t select(const scalar_t* w, int64_t rows, int64_t cols, const float* sqrt_
   }
   if (k == 0) return 0;
   if (!per_matrix) {
+    // A histogram of the top 11 key bits finds the bucket holding the k-th smallest key; only that
+    // bucket's candidates go through nth_element on (key, index) pairs.
+    constexpr int kShift = 21, kBins = 1 << (32 - kShift);
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-      std::vector<uint64_t> keys(cols), work(cols);
+      std::vector<uint32_t> keys(cols);
+      std::vector<uint64_t> cand;
+      cand.reserve(cols);
+      std::vector<int32_t> hist(kBins);
       for (int64_t r = r0; r < r1; ++r) {
         const auto row = row_of(r);
-        for (int64_t j = 0; j < cols; ++j) keys[j] = row.key64(j);
-        std::copy(keys.begin(), keys.end(), work.begin());
-        std::nth_element(work.begin(), work.begin() + (k - 1), work.end());
-        const uint64_t kth = work[k - 1];
+        std::fill(hist.begin(), hist.end(), 0);
+        for (int64_t j = 0; j < cols; ++j) {
+          keys[j] = row.key32(j);
+          ++hist[keys[j] >> kShift];
+        }
+        int64_t below = 0;
+        uint32_t bucket = 0;
+        while (below + hist[bucket] < k) below += hist[bucket++];
+        cand.clear();
         for (int64_t j = 0; j < cols; ++j)
-          if (keys[j] <= kth) emit(r, j);
+          if ((keys[j] >> kShift) == bucket) cand.push_back((uint64_t(keys[j]) << 32) | uint64_t(j));
+        const int64_t need = k - below;  // 1 <= need <= hist[bucket]
+        std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end());
+        const uint64_t kth = cand[need - 1];
+        for (int64_t j = 0; j < cols; ++j) {
+          const uint32_t b = keys[j] >> kShift;
+          if (b < bucket || (b == bucket && ((uint64_t(keys[j]) << 32) | uint64_t(j)) <= kth)) emit(r, j);
+        }
       }
     });
     return rows * k;

@@ -27,9 +27,25 @@ def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch.to(device)
+
+
+def model_loss(model, batch) -> torch.Tensor:
+    """The model's own objective in fp32: next-token cross-entropy for token windows (a tensor or
+    {"input_ids"}), the symmetric image-text contrastive loss for CLIP-style batches (pixel_values)."""
+    batch = to_device(batch, next(model.parameters()).device)
+    if isinstance(batch, dict) and "pixel_values" in batch:
+        return model(**batch, return_loss=True).loss.float()
+    ids = batch["input_ids"] if isinstance(batch, dict) else batch
+    return causal_lm_loss(model, ids)
+
+
 @torch.no_grad()
 def zo_tensor_scores(model, layers: dict, batches: list[torch.Tensor], eps: float = 1e-3, seed: int = 0,
-                     loss_fn=causal_lm_loss, only: set[str] | None = None) -> dict[str, float]:
+                     loss_fn=model_loss, only: set[str] | None = None) -> dict[str, float]:
     """a_t for every tensor in ``layers`` (name -> nn.Linear), or only those named in ``only``."""
     scores = {name: 0.0 for name in layers if only is None or name in only}
     for b, batch in enumerate(batches):
