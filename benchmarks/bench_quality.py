@@ -22,34 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.harness import RESULTS_DIR, Results, read_results  # noqa: E402
+from benchmarks.report import quality_plot  # noqa: E402
 from ecoflap_fast import data, evaluate, models  # noqa: E402
 from ecoflap_fast.prune import PruneConfig, prune_  # noqa: E402
 
 METHODS = ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]
-
-
-def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    dense = [float(r["median"]) for r in rows if r["provider"] == "dense"]
-    for method in METHODS:
-        pts = sorted((float(r["shape"]), float(r["median"])) for r in rows if r["provider"] == method)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    if dense:
-        ax.axhline(dense[0], color="k", ls=":", lw=1, label=f"dense {dense[0]:.2f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title(f"SmolLM2-135M, wanda pruner — {rows[0]['device']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -91,8 +68,7 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t:.0f}s)", flush=True)
             del model
     res.write(a.out)
-    rows = [r for r in read_results(a.out) if (r["date"], r["commit"]) == (res.env["date"], res.env["commit"])]
-    plot(rows, a.out.with_suffix(".png"))
+    quality_plot(read_results(a.out), a.out.with_suffix(".png"))
     print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
     return 0
 

@@ -128,6 +128,32 @@ def quality_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def quality_plot(rows: list[dict], path: Path) -> None:
+    """Perplexity against sparsity, one line per method, from the latest run of a quality CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in _latest_run(rows) if r["op"] == "perplexity"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    dense = [float(r["median"]) for r in rows if r["provider"] == "dense"]
+    for method in ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]:
+        pts = sorted((float(r["shape"]), float(r["median"])) for r in rows if r["provider"] == method)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    if dense:
+        ax.axhline(dense[0], color="k", ls=":", lw=1, label=f"dense {dense[0]:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title(f"SmolLM2-135M, Wanda local pruner — {rows[0]['device']}, {rows[0]['date']}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def stage1_table(rows: list[dict]) -> str:
     rows = _latest_run(rows)
     get = {(r["provider"], r["metric"]): float(r["median"]) for r in rows}
@@ -163,6 +189,9 @@ def main() -> int:
     if top.exists() and cpu.exists() and "<!-- readme-ops:begin -->" in top.read_text():
         _replace_between(top, "<!-- readme-ops:begin -->", "<!-- readme-ops:end -->", summary_table(read_results(cpu)))
         print(f"updated {top}")
+    quality = RESULTS_DIR / "quality_cpu.csv"
+    if quality.exists():
+        quality_plot(read_results(quality), quality.with_suffix(".png"))
     for name, marker, table in [("quality_cpu.csv", "readme-quality", quality_table),
                                 ("stage1_cpu.csv", "readme-stage1", stage1_table)]:
         path = RESULTS_DIR / name

@@ -127,3 +127,11 @@ def test_sparsity_out_of_range(workdir, capsys, value):
     assert e.value.code == 2
     assert "sparsity must be" in capsys.readouterr().err
     assert not (workdir / "never2").exists()
+
+
+def test_eval_command(workdir, capsys):
+    args = ["eval", "--model", str(workdir / "tiny"), "--eval-text", str(workdir / "eval.txt"), "--eval-windows", "2",
+            "--eval-seqlen", "32", "--no-progress"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ppl"] > 1
