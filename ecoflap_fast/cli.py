@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--eval", action="store_true", help="held-out perplexity before and after pruning")
     p.add_argument("--save-model", action="store_true", help="also save the pruned model (safetensors) to OUTPUT/model")
+    p.add_argument("--export", nargs="+", default=[], choices=["hf-dense", "ct-bitmask", "ct-24", "torch-24"],
+                   help="also export the pruned model to OUTPUT/<format> (verified before it appears)")
+    p.add_argument("--export-dtype", default=None, choices=sorted(DTYPES), help="dtype of exported weights")
+    x = sub.add_parser("export", help="write a (pruned) Hugging Face model folder as a sparse checkpoint")
+    x.add_argument("--model", required=True, help="Hugging Face folder of the pruned model (e.g. OUTPUT/model)")
+    x.add_argument("--format", required=True, choices=["hf-dense", "ct-bitmask", "ct-24", "torch-24"])
+    x.add_argument("--output", type=Path, required=True)
+    x.add_argument("--force", action="store_true", help="replace an existing output folder")
+    x.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="dtype of the exported weights")
     e = sub.add_parser("eval", help="held-out perplexity of a model")
     _common(e)
     return parser
@@ -135,9 +144,34 @@ def _prune(a) -> dict:
            "eval_seqlen": a.eval_seqlen if a.eval else None,
            "layer_numel": {n: lin.weight.numel() for n, lin in prunable(model).items()}}
     rep["timings"].update(eval_s=eval_s, total_s=time.perf_counter() - t_start)
+    export_dtype = getattr(torch, DTYPES[a.export_dtype]) if a.export_dtype else None
+
+    def exports(folder):
+        from .export import export_
+
+        rep["exports"] = [export_(model, folder / fmt, fmt, tokenizer=None if is_clip else tok, dtype=export_dtype)
+                          for fmt in a.export]
+        for e in rep["exports"]:
+            e["path"] = str(out / e["format"])
+
     report.write_output(out, rep, force=a.force, model=model if a.save_model else None,
-                        tokenizer=tok if a.save_model else None)
+                        tokenizer=tok if a.save_model and not is_clip else None, extra=exports if a.export else None)
     return rep
+
+
+def _export(a) -> dict:
+    import torch
+
+    from . import models
+    from .export import export_
+
+    out = a.output.expanduser().resolve()
+    if out.exists() and not a.force:
+        raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
+    model, tok = models.load_model(a.model)
+    dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
+    return export_(model, out, a.format, tokenizer=tok if not isinstance(tok, tuple) else None, force=a.force,
+                   dtype=dtype)
 
 
 def _eval(a) -> dict:
@@ -154,7 +188,7 @@ def _eval(a) -> dict:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    if a.no_progress:
+    if getattr(a, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -173,9 +207,14 @@ def main(argv=None) -> int:
                                                               if rep['stage1'].get('fallback') else ""))
             print(f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
                   f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png")
+        elif a.command == "export":
+            info = _export(a)
+            print(f"wrote {info['format']} checkpoint to {info['path']}: {info['bytes'] / 2**20:.1f} MiB "
+                  f"(global sparsity {info['global_sparsity']:.4f}, {info['dtype']}), verified against the model")
         else:
             print(json.dumps(_eval(a)))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError,
+            RuntimeError) as e:
         print(f"ecoflap-fast: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -57,11 +57,13 @@ def plot_allocation(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_output(out: Path, report: dict, *, force: bool, model=None, tokenizer=None) -> Path:
+def write_output(out: Path, report: dict, *, force: bool, model=None, tokenizer=None, extra=None) -> Path:
     """Stage everything in a temporary folder beside ``out``, then rename it into place."""
     check_destination(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        if extra is not None:  # e.g. exports, written into the staged folder (they may add to the report)
+            extra(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
         plot_allocation(report, tmp / "sparsity.png")
         if model is not None:

@@ -135,3 +135,20 @@ def test_eval_command(workdir, capsys):
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ppl"] > 1
+
+
+def test_prune_with_export_and_export_command(workdir, capsys):
+    assert main(_args(workdir, "tiny", "exp", "--pattern", "2:4", "--export", "ct-24", "torch-24",
+                      "--save-model")) == 0
+    rep = json.loads((workdir / "exp" / "report.json").read_text())
+    assert {e["format"] for e in rep["exports"]} == {"ct-24", "torch-24"}
+    assert (workdir / "exp" / "ct-24" / "model.safetensors").exists()
+    assert (workdir / "exp" / "torch-24" / "config.json").exists()
+    assert main(["export", "--model", str(workdir / "exp" / "model"), "--format", "ct-bitmask", "--output",
+                 str(workdir / "exp-ct")]) == 0
+    assert "verified against the model" in capsys.readouterr().out
+    # a dense model refuses to go into a 2:4 format, naming the layer, writing nothing
+    assert main(["export", "--model", str(workdir / "tiny"), "--format", "ct-24", "--output",
+                 str(workdir / "never-24")]) == 2
+    assert "model.layers.0.self_attn.q_proj is not 2:4 sparse" in capsys.readouterr().err
+    assert not (workdir / "never-24").exists()
