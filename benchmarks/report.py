@@ -169,6 +169,20 @@ def stage1_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def export_table(rows: list[dict]) -> str:
+    rows = _latest_run(rows)
+    dense = next(float(r["median"]) for r in rows if r["provider"] == "dense bf16")
+    lines = [f"{rows[0]['device']}, {rows[0]['date']}; dense bf16 checkpoint **{dense:.1f} MiB**", "",
+             "| pruned model | format | size (MiB) | vs dense bf16 | reloaded perplexity equal |", "|---|---|---:|---:|:---:|"]
+    get = {(r["provider"], r["shape"], r["metric"]): float(r["median"]) for r in rows}
+    for (prov, shape, metric), v in get.items():
+        if metric == "size" and prov != "dense bf16":
+            same = get.get((prov, shape, "reload_ppl_equal"))
+            lines.append(f"| {shape} | {prov} | {v:.1f} | {get[(prov, shape, 'size_vs_dense')]:.2f}× | "
+                         f"{'yes' if same == 1.0 else 'no'} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     sections = []
     for csv_path in sorted(RESULTS_DIR.glob("ops_*.csv")):
@@ -193,7 +207,8 @@ def main() -> int:
     if quality.exists():
         quality_plot(read_results(quality), quality.with_suffix(".png"))
     for name, marker, table in [("quality_cpu.csv", "readme-quality", quality_table),
-                                ("stage1_cpu.csv", "readme-stage1", stage1_table)]:
+                                ("stage1_cpu.csv", "readme-stage1", stage1_table),
+                                ("export_cpu.csv", "readme-export", export_table)]:
         path = RESULTS_DIR / name
         if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():
             _replace_between(top, f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->", table(read_results(path)))

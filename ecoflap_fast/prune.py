@@ -20,7 +20,7 @@ from . import blocks as blocks_mod
 from . import ops
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
-PRUNERS = ("wanda", "magnitude")
+PRUNERS = ("wanda", "magnitude", "sparsegpt")
 ALLOCATORS = ("ecoflap-zo", "ecoflap-fo", "owl", "uniform")
 
 
@@ -133,12 +133,16 @@ def _block_forward(block: nn.Module, inputs):
     return out
 
 
-def _prune_linear(lin: nn.Linear, acc: ops.ActNormAccumulator, sparsity: float, config: PruneConfig) -> int:
+def _prune_linear(lin: nn.Linear, acc, sparsity: float, config: PruneConfig) -> int:
     nm = PATTERNS[config.pattern]
     w = lin.weight.data
     kw = {"nm": nm} if nm is not None else {"sparsity": sparsity}
     if config.pruner == "wanda":
         return ops.wanda_prune_(w, acc.scaler_row, **kw)
+    if config.pruner == "sparsegpt":
+        from .reference.sparsegpt import sparsegpt_prune_
+
+        return sparsegpt_prune_(w, acc.H, **kw)
     return ops.prune_by_scores_(w, w.abs(), **kw)  # magnitude
 
 
@@ -169,10 +173,14 @@ def sequential_pass(model: nn.Module, calibration, config: PruneConfig, on_block
 
 
 def _sequential_tower(model, tower, calibration, config, on_block, desc) -> None:
+    from .reference.sparsegpt import HessianAccumulator
+
+    # SparseGPT needs the inputs' Hessian; Wanda, magnitude and OWL the column norms.
+    stat = HessianAccumulator if config.pruner == "sparsegpt" and "prune" in desc else ops.ActNormAccumulator
     inputs = capture_block_inputs(model, tower.blocks[0], calibration, config.batch_size)
     for i, block in enumerate(tqdm(tower.blocks, desc=desc, disable=not config.progress)):
         layers = blocks_mod.linears(block)
-        accs = {name: ops.ActNormAccumulator(lin.in_features, lin.weight.device) for name, lin in layers.items()}
+        accs = {name: stat(lin.in_features, lin.weight.device) for name, lin in layers.items()}
         hooks = [lin.register_forward_hook(lambda _m, inp, _out, a=accs[name]: a.add(inp[0].detach()))
                  for name, lin in layers.items()]
         try:
