@@ -71,6 +71,7 @@ BAD = [
     ("short-calibration", dict(extra=["--calib-text", "SHORT", "--seqlen", "16"]), "too little calibration text"),
     ("missing-text", dict(extra=["--calib-text", "NOFILE"]), "does not exist"),
     ("missing-map", dict(extra=["--sparsity-map", "NOFILE"]), "does not exist"),
+    ("max-below-target", dict(extra=["--sparsity", "0.6", "--max-sparsity", "0.5"]), "max sparsity must be in"),
 ]
 
 

@@ -1,5 +1,7 @@
 """The offline corpus split, calibration windows, and the embedded default model end to end."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -47,3 +49,25 @@ def test_default_model_prunes_end_to_end():
     assert rep["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert 5 < dense < 40, dense
     assert dense < pruned < 20 * dense, (dense, pruned)
+
+
+@pytest.mark.slow
+def test_default_model_exports_round_trip(tmp_path):
+    """Every format of the 2:4-pruned default model reloads to the same perplexity as in memory (bf16)."""
+    from ecoflap_fast import evaluate, export_, load_sparse, models
+    from ecoflap_fast.export import FORMATS
+    from ecoflap_fast.prune import PruneConfig, prune_
+
+    model, tok = models.load_model("default")
+    calib, held = data.split(data.wiki_articles())
+    prune_(model, data.calibration_windows(data.tokenize(tok, calib[:1000]), 4, 64),
+           PruneConfig(pattern="2:4", allocator="uniform", progress=False))
+    windows = data.eval_windows(data.tokenize(tok, held[:100]), 128, 1)
+    export_(model, tmp_path / "ref", "hf-dense", dtype=torch.bfloat16)
+    want = evaluate.perplexity(load_sparse(tmp_path / "ref"), windows, progress=False)
+    for fmt in FORMATS:
+        export_(model, tmp_path / fmt, fmt, dtype=torch.bfloat16)
+        with pytest.warns(UserWarning) if fmt == "torch-24" else contextlib.nullcontext():
+            back = load_sparse(tmp_path / fmt)
+        assert evaluate.perplexity(back, windows, progress=False) == want, fmt
+
