@@ -23,9 +23,11 @@ from benchmarks.harness import RESULTS_DIR, Results  # noqa: E402
 from ecoflap_fast import data, evaluate, export_, load_sparse, models  # noqa: E402
 from ecoflap_fast.prune import PruneConfig, prune_  # noqa: E402
 
-CASES = [("0.5 unstructured", dict(sparsity=0.5), ["hf-dense", "ct-bitmask"]),
-         ("0.7 unstructured", dict(sparsity=0.7), ["hf-dense", "ct-bitmask"]),
-         ("2:4", dict(pattern="2:4"), ["hf-dense", "ct-bitmask", "ct-24", "torch-24"])]
+CASES = [
+    ("0.5 unstructured", dict(sparsity=0.5), ["hf-dense", "ct-bitmask"]),
+    ("0.7 unstructured", dict(sparsity=0.7), ["hf-dense", "ct-bitmask"]),
+    ("2:4", dict(pattern="2:4"), ["hf-dense", "ct-bitmask", "ct-24", "torch-24"]),
+]
 
 
 def main() -> int:
@@ -52,8 +54,12 @@ def main() -> int:
                 res.add("checkpoint", fmt, label, "bfloat16", "size", "MiB", info["bytes"] / 2**20)
                 res.add("checkpoint", fmt, label, "bfloat16", "size_vs_dense", "ratio", info["bytes"] / dense["bytes"])
                 res.add("checkpoint", fmt, label, "bfloat16", "reload_ppl_equal", "bool", float(same))
-                print(f"{label:17s} {fmt:10s} {info['bytes'] / 2**20:7.1f} MiB ({info['bytes'] / dense['bytes']:.2f}x dense); "
-                      f"reloaded perplexity {ppl:.3f} {'==' if same else '!='} in-memory bf16 {ppl_ref:.3f}", flush=True)
+                print(
+                    f"{label:17s} {fmt:10s} {info['bytes'] / 2**20:7.1f} MiB "
+                    f"({info['bytes'] / dense['bytes']:.2f}x dense); "
+                    f"reloaded perplexity {ppl:.3f} {'==' if same else '!='} in-memory bf16 {ppl_ref:.3f}",
+                    flush=True,
+                )
             del model
     print(f"wrote {res.write(RESULTS_DIR / 'export_cpu.csv')}")
     return 0

@@ -62,34 +62,58 @@ def run(device: str, shapes: dict, dtype, op_names, repeat: int, sparsity: float
         if "prune_row" in op_names:
             w, s = _weight(shape, dtype, device)
             setup = lambda: (w.clone(), s)  # noqa: E731
-            record("wanda_prune_row", shape_name, numel, numel * 2 * bytes_per, {
-                "ecoflap_fast": (lambda x, y: ops.wanda_prune_(x, y, sparsity), setup),
-                "torch_sort": (lambda x, y: baselines.sort_prune_(x, y, sparsity), setup),
-                "torch_kthvalue": (lambda x, y: baselines.kthvalue_prune_(x, y, sparsity), setup),
-            })
+            record(
+                "wanda_prune_row",
+                shape_name,
+                numel,
+                numel * 2 * bytes_per,
+                {
+                    "ecoflap_fast": (lambda x, y: ops.wanda_prune_(x, y, sparsity), setup),
+                    "torch_sort": (lambda x, y: baselines.sort_prune_(x, y, sparsity), setup),
+                    "torch_kthvalue": (lambda x, y: baselines.kthvalue_prune_(x, y, sparsity), setup),
+                },
+            )
         if "prune_24" in op_names:
             w, s = _weight(shape, dtype, device)
             setup = lambda: (w.clone(), s)  # noqa: E731
-            record("wanda_prune_2:4", shape_name, numel, numel * 2 * bytes_per, {
-                "ecoflap_fast": (lambda x, y: ops.wanda_prune_(x, y, nm=(2, 4)), setup),
-                "torch_slice_loop": (lambda x, y: baselines.slice_loop_nm_prune_(x, y, 2, 4), setup),
-                "torch_sort": (lambda x, y: baselines.sort_prune_(x, y, nm=(2, 4)), setup),
-            })
+            record(
+                "wanda_prune_2:4",
+                shape_name,
+                numel,
+                numel * 2 * bytes_per,
+                {
+                    "ecoflap_fast": (lambda x, y: ops.wanda_prune_(x, y, nm=(2, 4)), setup),
+                    "torch_slice_loop": (lambda x, y: baselines.slice_loop_nm_prune_(x, y, 2, 4), setup),
+                    "torch_sort": (lambda x, y: baselines.sort_prune_(x, y, nm=(2, 4)), setup),
+                },
+            )
         if "pack_24_cutlass" in op_names and dtype in (torch.float16, torch.bfloat16):
             w, _ = _weight(shape, dtype, device, nm=(2, 4))
             setup = lambda: (w,)  # noqa: E731
             # read the dense matrix, write half of it plus 1/8 byte of meta per weight
-            record("pack_24_cutlass", shape_name, numel, numel * bytes_per * 1.5 + numel // 8, {
-                "ecoflap_fast": (ops.pack_24_cutlass, setup),
-                "torch_converter": (baselines.torch_cutlass_pack, setup),
-            })
+            record(
+                "pack_24_cutlass",
+                shape_name,
+                numel,
+                numel * bytes_per * 1.5 + numel // 8,
+                {
+                    "ecoflap_fast": (ops.pack_24_cutlass, setup),
+                    "torch_converter": (baselines.torch_cutlass_pack, setup),
+                },
+            )
         if "pack_bitmask" in op_names:
             w, _ = _weight(shape, dtype, device, nm=(2, 4))
             setup = lambda: (w,)  # noqa: E731
-            record("pack_bitmask", shape_name, numel, numel * bytes_per * 1.5 + numel // 8, {
-                "ecoflap_fast": (ops.pack_bitmask, setup),
-                "compressed_tensors_style": (baselines.bitmask_pack, setup),
-            })
+            record(
+                "pack_bitmask",
+                shape_name,
+                numel,
+                numel * bytes_per * 1.5 + numel // 8,
+                {
+                    "ecoflap_fast": (ops.pack_bitmask, setup),
+                    "compressed_tensors_style": (baselines.bitmask_pack, setup),
+                },
+            )
     return res
 
 

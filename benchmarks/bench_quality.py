@@ -54,8 +54,15 @@ def main(argv=None) -> int:
     for s in a.sparsities:
         for method in a.methods:
             model = copy.deepcopy(base)
-            cfg = PruneConfig(sparsity=s, allocator=method, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                              zo_estimator=a.zo_estimator, progress=False)
+            cfg = PruneConfig(
+                sparsity=s,
+                allocator=method,
+                nsamples=a.nsamples,
+                seqlen=a.seqlen,
+                seed=a.seed,
+                zo_estimator=a.zo_estimator,
+                progress=False,
+            )
             t = time.perf_counter()
             rep = prune_(model, calibration, cfg, stage1_calibration=stage1)
             ppl = evaluate.perplexity(model, windows, progress=False)
@@ -63,9 +70,12 @@ def main(argv=None) -> int:
             res.add("achieved_sparsity", method, f"{s}", "float32", "sparsity", "ratio", rep["achieved_sparsity"])
             res.add("stage1_time", method, f"{s}", "float32", "time", "s", rep["timings"]["stage1_s"])
             res.add("stage2_time", method, f"{s}", "float32", "time", "s", rep["timings"]["stage2_s"])
-            print(f"sparsity {s:.2f} {method:11s} ppl {ppl:9.2f} achieved {rep['achieved_sparsity']:.4f} "
-                  f"stage1 {rep['timings']['stage1_s']:.1f}s stage2 {rep['timings']['stage2_s']:.1f}s "
-                  f"({time.perf_counter() - t:.0f}s)", flush=True)
+            print(
+                f"sparsity {s:.2f} {method:11s} ppl {ppl:9.2f} achieved {rep['achieved_sparsity']:.4f} "
+                f"stage1 {rep['timings']['stage1_s']:.1f}s stage2 {rep['timings']['stage2_s']:.1f}s "
+                f"({time.perf_counter() - t:.0f}s)",
+                flush=True,
+            )
             del model
     res.write(a.out)
     quality_plot(read_results(a.out), a.out.with_suffix(".png"))

@@ -73,8 +73,11 @@ def main(argv=None) -> int:
         res.add("zo_stage1", name, shape, "float32", "rel_err_p90", "ratio", p90)
         res.add("zo_stage1", name, shape, "float32", "rel_err_max", "ratio", worst)
         within = sum(e <= 0.01 for e in err)
-        print(f"{name:15s} {secs:7.1f}s ({t_ref / secs:5.1f}x faster); rel. error vs reference: median {100 * med:.3f}%, "
-              f"p90 {100 * p90:.3f}%, max {100 * worst:.3f}%; {within}/{len(err)} tensors within 1%", flush=True)
+        print(
+            f"{name:15s} {secs:7.1f}s ({t_ref / secs:5.1f}x faster); rel. error vs reference: median {100 * med:.3f}%, "
+            f"p90 {100 * p90:.3f}%, max {100 * worst:.3f}%; {within}/{len(err)} tensors within 1%",
+            flush=True,
+        )
     print(f"(the gradient estimator's {t_gr:.1f}s covers all {len(layers)} tensors, not only the {len(only)} compared)")
     print(f"wrote {res.write(a.out)}")
     return 0

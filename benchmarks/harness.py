@@ -20,8 +20,24 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-FIELDS = ["bench", "op", "provider", "shape", "dtype", "metric", "unit", "median", "p20", "p80", "device",
-          "torch", "triton", "cuda", "commit", "date"]
+FIELDS = [
+    "bench",
+    "op",
+    "provider",
+    "shape",
+    "dtype",
+    "metric",
+    "unit",
+    "median",
+    "p20",
+    "p80",
+    "device",
+    "torch",
+    "triton",
+    "cuda",
+    "commit",
+    "date",
+]
 
 
 def _quantiles(samples: list[float]) -> tuple[float, float, float]:
@@ -32,8 +48,9 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(s), q[1], q[7]
 
 
-def measure(fn, *, setup=None, device: str = "cpu", warmup: int = 1, repeat: int = 5,
-            rep_ms: int = 200) -> tuple[float, float, float]:
+def measure(
+    fn, *, setup=None, device: str = "cpu", warmup: int = 1, repeat: int = 5, rep_ms: int = 200
+) -> tuple[float, float, float]:
     """Milliseconds (median, p20, p80) of ``fn(*setup())``; ``setup`` runs untimed before every call
     (fresh inputs for in-place ops). On CUDA uses ``triton.testing.do_bench`` (events, L2 flush)."""
     if device.startswith("cuda"):
@@ -64,8 +81,9 @@ def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 1 << 30) -> float:
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -80,7 +98,8 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
     else:
-        name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores (torch threads {torch.get_num_threads()})"
+        cpu = platform.processor() or platform.machine()
+        name = f"{cpu} x{os.cpu_count()} cores (torch threads {torch.get_num_threads()})"
     return {
         "device": name,
         "torch": torch.__version__,
@@ -101,12 +120,21 @@ class Results:
         self.env = environment(self.device)
 
     def add(self, op, provider, shape, dtype, metric, unit, med, p20=None, p80=None) -> None:
-        self.rows.append({
-            "bench": self.bench, "op": op, "provider": provider, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
-            "metric": metric, "unit": unit, "median": f"{med:.6g}",
-            "p20": f"{p20 if p20 is not None else med:.6g}", "p80": f"{p80 if p80 is not None else med:.6g}",
-            **self.env,
-        })
+        self.rows.append(
+            {
+                "bench": self.bench,
+                "op": op,
+                "provider": provider,
+                "shape": shape,
+                "dtype": str(dtype).replace("torch.", ""),
+                "metric": metric,
+                "unit": unit,
+                "median": f"{med:.6g}",
+                "p20": f"{p20 if p20 is not None else med:.6g}",
+                "p80": f"{p80 if p80 is not None else med:.6g}",
+                **self.env,
+            }
+        )
 
     def write(self, path: Path) -> Path:
         path = Path(path)

@@ -1,6 +1,6 @@
 """Generates the tables and plot of benchmarks/README.md from the results CSVs (never typed by hand).
 
-    python benchmarks/report.py            # rewrites the generated section of benchmarks/README.md
+python benchmarks/report.py            # rewrites the generated section of benchmarks/README.md
 """
 
 from __future__ import annotations
@@ -31,11 +31,16 @@ def ops_table(rows: list[dict]) -> str:
     for r in rows:
         if r["metric"] == "time":
             times[(r["op"], r["shape"], r["dtype"])][r["provider"]] = float(r["median"])
-    frac = {(r["op"], r["shape"]): float(r["median"]) for r in rows
-            if r["metric"] == "fraction_of_copy_bw" and r["provider"] == "ecoflap_fast"}
+    frac = {
+        (r["op"], r["shape"]): float(r["median"])
+        for r in rows
+        if r["metric"] == "fraction_of_copy_bw" and r["provider"] == "ecoflap_fast"
+    }
     lines = [
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-        f"commit {env['commit']}, {env['date']}. Measured copy bandwidth: {bw:.1f} GB/s." if bw else "",
+        f"commit {env['commit']}, {env['date']}. Measured copy bandwidth: {bw:.1f} GB/s."
+        if bw
+        else "",
         "",
         "| op | shape | dtype | ecoflap_fast ms | % of copy bw | baseline | baseline ms | speed-up |",
         "|---|---|---|---:|---:|---|---:|---:|",
@@ -47,8 +52,10 @@ def ops_table(rows: list[dict]) -> str:
         for prov, t in provs.items():
             if prov == "ecoflap_fast":
                 continue
-            lines.append(f"| {op} | {shape} | {dtype} | {ours:.2f} | {100 * frac.get((op, shape), 0):.1f}% | "
-                         f"{prov} | {t:.2f} | **{t / ours:.1f}×** |")
+            lines.append(
+                f"| {op} | {shape} | {dtype} | {ours:.2f} | {100 * frac.get((op, shape), 0):.1f}% | "
+                f"{prov} | {t:.2f} | **{t / ours:.1f}×** |"
+            )
     return "\n".join(lines)
 
 
@@ -59,8 +66,11 @@ def speedup_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = _latest_run(rows)
-    sp = [(f"{r['op']}\n{r['shape'].split(' ')[-1]}", r["provider"].replace("speedup_vs_", ""), float(r["median"]))
-          for r in rows if r["metric"] == "speedup"]
+    sp = [
+        (f"{r['op']}\n{r['shape'].split(' ')[-1]}", r["provider"].replace("speedup_vs_", ""), float(r["median"]))
+        for r in rows
+        if r["metric"] == "speedup"
+    ]
     labels = list(dict.fromkeys(s[0] for s in sp))
     provs = list(dict.fromkeys(s[1] for s in sp))
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(labels)), 4))
@@ -93,8 +103,12 @@ def summary_table(rows: list[dict]) -> str:
             by[(r["op"], r["provider"].replace("speedup_vs_", ""))].append(float(r["median"]))
         if r["metric"] == "time" and r["provider"] == "ecoflap_fast":
             ours[r["op"]].append(r["shape"])
-    lines = [f"{rows[0]['device']}, {rows[0]['date']} (commit {rows[0]['commit']})", "",
-             "| op | baseline | median speed-up over shapes | shapes |", "|---|---|---:|---:|"]
+    lines = [
+        f"{rows[0]['device']}, {rows[0]['date']} (commit {rows[0]['commit']})",
+        "",
+        "| op | baseline | median speed-up over shapes | shapes |",
+        "|---|---|---:|---:|",
+    ]
     for (op, prov), v in by.items():
         lines.append(f"| {op} | {prov} | **{statistics.median(v):.1f}×** | {len(v)} |")
     return "\n".join(lines)
@@ -114,10 +128,14 @@ def quality_table(rows: list[dict]) -> str:
     dense = ppl.get(("dense", "0"))
     sparsities = sorted({s for (m, s) in ppl if m != "dense"}, key=float)
     methods = [m for m in ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"] if any((m, s) in ppl for s in sparsities)]
-    lines = [f"{rows[0]['device']}, {rows[0]['date']} (commit {rows[0]['commit']}); dense perplexity "
-             f"**{dense:.2f}**" if dense else "", "",
-             "| method | " + " | ".join(f"sparsity {s}" for s in sparsities) + " |",
-             "|---|" + "---:|" * len(sparsities)]
+    lines = [
+        f"{rows[0]['device']}, {rows[0]['date']} (commit {rows[0]['commit']}); dense perplexity **{dense:.2f}**"
+        if dense
+        else "",
+        "",
+        "| method | " + " | ".join(f"sparsity {s}" for s in sparsities) + " |",
+        "|---|" + "---:|" * len(sparsities),
+    ]
     for m in methods:
         cells = []
         for s in sparsities:
@@ -158,28 +176,55 @@ def stage1_table(rows: list[dict]) -> str:
     rows = _latest_run(rows)
     get = {(r["provider"], r["metric"]): float(r["median"]) for r in rows}
     shape = rows[0]["shape"]
-    lines = [f"{rows[0]['device']}, {rows[0]['date']}; {shape}", "",
-             "| implementation | seconds | vs reference | rel. error median | p90 | max |", "|---|---:|---:|---:|---:|---:|",
-             f"| reference (full forward per perturbation) | {get[('reference', 'time')]:.1f} | 1× | — | — | — |"]
+    lines = [
+        f"{rows[0]['device']}, {rows[0]['date']}; {shape}",
+        "",
+        "| implementation | seconds | vs reference | rel. error median | p90 | max |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| reference (full forward per perturbation) | {get[('reference', 'time')]:.1f} | 1× | — | — | — |",
+    ]
     for name in ["fast_fd", "grad_estimator"]:
         if (name, "time") in get:
-            lines.append(f"| {name} | {get[(name, 'time')]:.1f} | {get[(name, 'speedup_vs_reference')]:.1f}× | "
-                         f"{100 * get[(name, 'rel_err_median')]:.2f}% | {100 * get[(name, 'rel_err_p90')]:.2f}% | "
-                         f"{100 * get[(name, 'rel_err_max')]:.2f}% |")
+            lines.append(
+                f"| {name} | {get[(name, 'time')]:.1f} | {get[(name, 'speedup_vs_reference')]:.1f}× | "
+                f"{100 * get[(name, 'rel_err_median')]:.2f}% | {100 * get[(name, 'rel_err_p90')]:.2f}% | "
+                f"{100 * get[(name, 'rel_err_max')]:.2f}% |"
+            )
+    return "\n".join(lines)
+
+
+def seeds_table(rows: list[dict]) -> str:
+    """ECoFLaP-zo against uniform Wanda for each run (seed) of quality_seeds_cpu.csv."""
+    runs = defaultdict(dict)
+    for r in rows:
+        if r["op"] == "perplexity" and r["provider"] in ("uniform", "ecoflap-zo"):
+            runs[(r["date"], r["commit"])][(r["provider"], r["shape"])] = float(r["median"])
+    lines = ["| run (seed) | sparsity | uniform | ecoflap-zo | ratio |", "|---|---:|---:|---:|---:|"]
+    for i, (run, vals) in enumerate(sorted(runs.items()), start=1):
+        for s in sorted({sp for (_, sp) in vals}, key=float):
+            u, z = vals.get(("uniform", s)), vals.get(("ecoflap-zo", s))
+            if u and z:
+                lines.append(f"| {run[0]} (seed {i}) | {s} | {u:.1f} | {z:.1f} | **{z / u:.2f}×** |")
     return "\n".join(lines)
 
 
 def export_table(rows: list[dict]) -> str:
     rows = _latest_run(rows)
     dense = next(float(r["median"]) for r in rows if r["provider"] == "dense bf16")
-    lines = [f"{rows[0]['device']}, {rows[0]['date']}; dense bf16 checkpoint **{dense:.1f} MiB**", "",
-             "| pruned model | format | size (MiB) | vs dense bf16 | reloaded perplexity equal |", "|---|---|---:|---:|:---:|"]
+    lines = [
+        f"{rows[0]['device']}, {rows[0]['date']}; dense bf16 checkpoint **{dense:.1f} MiB**",
+        "",
+        "| pruned model | format | size (MiB) | vs dense bf16 | reloaded perplexity equal |",
+        "|---|---|---:|---:|:---:|",
+    ]
     get = {(r["provider"], r["shape"], r["metric"]): float(r["median"]) for r in rows}
     for (prov, shape, metric), v in get.items():
         if metric == "size" and prov != "dense bf16":
             same = get.get((prov, shape, "reload_ppl_equal"))
-            lines.append(f"| {shape} | {prov} | {v:.1f} | {get[(prov, shape, 'size_vs_dense')]:.2f}× | "
-                         f"{'yes' if same == 1.0 else 'no'} |")
+            lines.append(
+                f"| {shape} | {prov} | {v:.1f} | {get[(prov, shape, 'size_vs_dense')]:.2f}× | "
+                f"{'yes' if same == 1.0 else 'no'} |"
+            )
     return "\n".join(lines)
 
 
@@ -195,8 +240,11 @@ def main() -> int:
     text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{BEGIN}\n<!-- generated by benchmarks/report.py from benchmarks/results/*.csv -->\n\n"
-                      + "\n".join(sections) + f"\n{END}{tail}")
+    README.write_text(
+        f"{head}{BEGIN}\n<!-- generated by benchmarks/report.py from benchmarks/results/*.csv -->\n\n"
+        + "\n".join(sections)
+        + f"\n{END}{tail}"
+    )
     print(f"updated {README}")
     top = README.parent.parent / "README.md"
     cpu = RESULTS_DIR / "ops_cpu.csv"
@@ -206,9 +254,12 @@ def main() -> int:
     quality = RESULTS_DIR / "quality_cpu.csv"
     if quality.exists():
         quality_plot(read_results(quality), quality.with_suffix(".png"))
-    for name, marker, table in [("quality_cpu.csv", "readme-quality", quality_table),
-                                ("stage1_cpu.csv", "readme-stage1", stage1_table),
-                                ("export_cpu.csv", "readme-export", export_table)]:
+    for name, marker, table in [
+        ("quality_cpu.csv", "readme-quality", quality_table),
+        ("stage1_cpu.csv", "readme-stage1", stage1_table),
+        ("export_cpu.csv", "readme-export", export_table),
+        ("quality_seeds_cpu.csv", "readme-seeds", seeds_table),
+    ]:
         path = RESULTS_DIR / name
         if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():
             _replace_between(top, f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->", table(read_results(path)))

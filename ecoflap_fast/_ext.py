@@ -47,9 +47,7 @@ def reason() -> str:
 
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA sources."""
-    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ecoflap_fast::pack_24_cutlass", "CUDA"
-    )
+    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("ecoflap_fast::pack_24_cutlass", "CUDA")
 
 
 def require(what: str) -> None:

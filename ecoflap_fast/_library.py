@@ -41,8 +41,11 @@ def register_cpp_fakes() -> None:
             values = dense.new_empty(nnz)
         else:
             values = dense.new_empty(rows, cols // m * n)
-        return (values, dense.new_empty(rows, (cols + 7) // 8, dtype=torch.uint8),
-                dense.new_empty(rows, dtype=torch.int64))
+        return (
+            values,
+            dense.new_empty(rows, (cols + 7) // 8, dtype=torch.uint8),
+            dense.new_empty(rows, dtype=torch.int64),
+        )
 
     @torch.library.register_fake("ecoflap_fast::unpack_bitmask")
     def _(values, bitmask, rows, cols):
@@ -59,8 +62,9 @@ def register_cpp_fakes() -> None:
 
 # ---- Triton kernels as custom operators ------------------------------------------------------
 @torch.library.custom_op("ecoflap_fast::triton_select_mask", mutates_args=())
-def triton_select_mask(scores: torch.Tensor, scaler_row: Optional[torch.Tensor], use_abs: bool, k: int, n: int,
-                       m: int, per_matrix: bool) -> torch.Tensor:
+def triton_select_mask(
+    scores: torch.Tensor, scaler_row: Optional[torch.Tensor], use_abs: bool, k: int, n: int, m: int, per_matrix: bool
+) -> torch.Tensor:
     from .kernels import select
 
     return select.select(scores, scaler_row, k=k, nm=(n, m) if m else None, use_abs=use_abs, per_matrix=per_matrix)
@@ -72,12 +76,14 @@ def _(scores, scaler_row, use_abs, k, n, m, per_matrix):
 
 
 @torch.library.custom_op("ecoflap_fast::triton_select_prune_", mutates_args=("weight",))
-def triton_select_prune_(weight: torch.Tensor, scaler_row: Optional[torch.Tensor], k: int, n: int, m: int,
-                         per_matrix: bool) -> int:
+def triton_select_prune_(
+    weight: torch.Tensor, scaler_row: Optional[torch.Tensor], k: int, n: int, m: int, per_matrix: bool
+) -> int:
     from .kernels import select
 
-    return select.select(weight, scaler_row, k=k, nm=(n, m) if m else None, use_abs=True, per_matrix=per_matrix,
-                         prune_into=weight)
+    return select.select(
+        weight, scaler_row, k=k, nm=(n, m) if m else None, use_abs=True, per_matrix=per_matrix, prune_into=weight
+    )
 
 
 @triton_select_prune_.register_fake

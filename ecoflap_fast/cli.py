@@ -11,8 +11,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
-          "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def _sparsity(text: str) -> float:
@@ -46,11 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_sparsity, default=0.5, help="target sparsity over the prunable set, in [0, 1)")
     p.add_argument("--pattern", default="unstructured", choices=list(PATTERNS))
     p.add_argument("--pruner", default="wanda", choices=list(PRUNERS))
-    p.add_argument("--allocator", default="ecoflap-zo", choices=list(ALLOCATORS),
-                   help="per-block sparsity: ECoFLaP zeroth/first order, OWL, or uniform (plain Wanda)")
+    p.add_argument(
+        "--allocator",
+        default="ecoflap-zo",
+        choices=list(ALLOCATORS),
+        help="per-block sparsity: ECoFLaP zeroth/first order, OWL, or uniform (plain Wanda)",
+    )
     p.add_argument("--max-sparsity", type=_sparsity, default=None, help="ECoFLaP bound m (default sparsity + 0.1)")
-    p.add_argument("--zo-estimator", default="grad", choices=["grad", "fd"],
-                   help="zeroth-order estimate: 'grad' <z, grad L> (one backward per batch) or 'fd' finite differences")
+    p.add_argument(
+        "--zo-estimator",
+        default="grad",
+        choices=["grad", "fd"],
+        help="zeroth-order estimate: 'grad' <z, grad L> (one backward per batch) or 'fd' finite differences",
+    )
     p.add_argument("--stage1-nsamples", type=int, default=8, help="stage-1 calibration windows (CPU default 8)")
     p.add_argument("--stage1-seqlen", type=int, default=128)
     p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
@@ -65,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--eval", action="store_true", help="held-out perplexity before and after pruning")
     p.add_argument("--save-model", action="store_true", help="also save the pruned model (safetensors) to OUTPUT/model")
-    p.add_argument("--export", nargs="+", default=[], choices=["hf-dense", "ct-bitmask", "ct-24", "torch-24"],
-                   help="also export the pruned model to OUTPUT/<format> (verified before it appears)")
+    p.add_argument(
+        "--export",
+        nargs="+",
+        default=[],
+        choices=["hf-dense", "ct-bitmask", "ct-24", "torch-24"],
+        help="also export the pruned model to OUTPUT/<format> (verified before it appears)",
+    )
     p.add_argument("--export-dtype", default=None, choices=sorted(DTYPES), help="dtype of exported weights")
     x = sub.add_parser("export", help="write a (pruned) Hugging Face model folder as a sparse checkpoint")
     x.add_argument("--model", required=True, help="Hugging Face folder of the pruned model (e.g. OUTPUT/model)")
@@ -95,10 +114,23 @@ def _prune(a) -> dict:
         sparsity_map = json.loads(a.sparsity_map.read_text()).get("sparsity_map")
         if sparsity_map is None:
             raise ValueError(f"{a.sparsity_map} has no 'sparsity_map' entry (use a report.json of an earlier run)")
-    config = PruneConfig(sparsity=a.sparsity, pattern=a.pattern, pruner=a.pruner, allocator=a.allocator,
-                         nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, seed=a.seed,
-                         progress=not a.no_progress, sparsity_map=sparsity_map, max_sparsity=a.max_sparsity,
-                         zo_estimator=a.zo_estimator, eps=a.eps, group=a.group, group_reduce=a.group_reduce)
+    config = PruneConfig(
+        sparsity=a.sparsity,
+        pattern=a.pattern,
+        pruner=a.pruner,
+        allocator=a.allocator,
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        progress=not a.no_progress,
+        sparsity_map=sparsity_map,
+        max_sparsity=a.max_sparsity,
+        zo_estimator=a.zo_estimator,
+        eps=a.eps,
+        group=a.group,
+        group_reduce=a.group_reduce,
+    )
     config.validate()
     if a.stage1_nsamples <= 0 or a.stage1_seqlen <= 0:
         raise ValueError("stage-1 nsamples and seqlen must be positive")
@@ -137,25 +169,41 @@ def _prune(a) -> dict:
     from .blocks import prunable
 
     metric = "contrastive_loss" if is_clip else "ppl"
-    rep = {"model": a.model, **rep, "eval_metric": metric if a.eval else None,
-           "ppl_dense": None if is_clip else ppl_dense, "ppl_pruned": None if is_clip else ppl_pruned,
-           "loss_dense": ppl_dense if is_clip else None, "loss_pruned": ppl_pruned if is_clip else None, "device": device,
-           "dtype": DTYPES[a.dtype], "eval_windows": a.eval_windows if a.eval else None,
-           "eval_seqlen": a.eval_seqlen if a.eval else None,
-           "layer_numel": {n: lin.weight.numel() for n, lin in prunable(model).items()}}
+    rep = {
+        "model": a.model,
+        **rep,
+        "eval_metric": metric if a.eval else None,
+        "ppl_dense": None if is_clip else ppl_dense,
+        "ppl_pruned": None if is_clip else ppl_pruned,
+        "loss_dense": ppl_dense if is_clip else None,
+        "loss_pruned": ppl_pruned if is_clip else None,
+        "device": device,
+        "dtype": DTYPES[a.dtype],
+        "eval_windows": a.eval_windows if a.eval else None,
+        "eval_seqlen": a.eval_seqlen if a.eval else None,
+        "layer_numel": {n: lin.weight.numel() for n, lin in prunable(model).items()},
+    }
     rep["timings"].update(eval_s=eval_s, total_s=time.perf_counter() - t_start)
     export_dtype = getattr(torch, DTYPES[a.export_dtype]) if a.export_dtype else None
 
     def exports(folder):
         from .export import export_
 
-        rep["exports"] = [export_(model, folder / fmt, fmt, tokenizer=None if is_clip else tok, dtype=export_dtype)
-                          for fmt in a.export]
+        rep["exports"] = [
+            export_(model, folder / fmt, fmt, tokenizer=None if is_clip else tok, dtype=export_dtype)
+            for fmt in a.export
+        ]
         for e in rep["exports"]:
             e["path"] = str(out / e["format"])
 
-    report.write_output(out, rep, force=a.force, model=model if a.save_model else None,
-                        tokenizer=tok if a.save_model and not is_clip else None, extra=exports if a.export else None)
+    report.write_output(
+        out,
+        rep,
+        force=a.force,
+        model=model if a.save_model else None,
+        tokenizer=tok if a.save_model and not is_clip else None,
+        extra=exports if a.export else None,
+    )
     return rep
 
 
@@ -170,8 +218,9 @@ def _export(a) -> dict:
         raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
     model, tok = models.load_model(a.model)
     dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
-    return export_(model, out, a.format, tokenizer=tok if not isinstance(tok, tuple) else None, force=a.force,
-                   dtype=dtype)
+    return export_(
+        model, out, a.format, tokenizer=tok if not isinstance(tok, tuple) else None, force=a.force, dtype=dtype
+    )
 
 
 def _eval(a) -> dict:
@@ -196,25 +245,40 @@ def main(argv=None) -> int:
         if a.command == "prune":
             rep = _prune(a)
             t = rep["timings"]
-            line = (f"pruned {rep['model']} ({rep['allocator']} + {rep['pruner']}, {rep['pattern']}): "
-                    f"achieved sparsity {rep['achieved_sparsity']:.4f} (target {rep['target_sparsity']:.4f})")
+            line = (
+                f"pruned {rep['model']} ({rep['allocator']} + {rep['pruner']}, {rep['pattern']}): "
+                f"achieved sparsity {rep['achieved_sparsity']:.4f} (target {rep['target_sparsity']:.4f})"
+            )
             if rep["ppl_pruned"] is not None:
                 line += f"; held-out perplexity {rep['ppl_dense']:.2f} dense -> {rep['ppl_pruned']:.2f} pruned"
             if rep.get("loss_pruned") is not None:
                 line += f"; held-out contrastive loss {rep['loss_dense']:.4f} dense -> {rep['loss_pruned']:.4f} pruned"
             print(line)
-            print(f"stage 1: {rep['stage1']['method']}" + (f" (fallback: {rep['stage1']['fallback']})"
-                                                              if rep['stage1'].get('fallback') else ""))
-            print(f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
-                  f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png")
+            print(
+                f"stage 1: {rep['stage1']['method']}"
+                + (f" (fallback: {rep['stage1']['fallback']})" if rep["stage1"].get("fallback") else "")
+            )
+            print(
+                f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
+                f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png"
+            )
         elif a.command == "export":
             info = _export(a)
-            print(f"wrote {info['format']} checkpoint to {info['path']}: {info['bytes'] / 2**20:.1f} MiB "
-                  f"(global sparsity {info['global_sparsity']:.4f}, {info['dtype']}), verified against the model")
+            print(
+                f"wrote {info['format']} checkpoint to {info['path']}: {info['bytes'] / 2**20:.1f} MiB "
+                f"(global sparsity {info['global_sparsity']:.4f}, {info['dtype']}), verified against the model"
+            )
         else:
             print(json.dumps(_eval(a)))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError,
-            RuntimeError) as e:
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+        NotImplementedError,
+        ImportError,
+        RuntimeError,
+    ) as e:
         print(f"ecoflap-fast: error: {e}", file=sys.stderr)
         return 2
     return 0

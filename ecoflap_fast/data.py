@@ -73,9 +73,7 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     if nsamples <= 0 or seqlen <= 0:
         raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
     if tokens.numel() < seqlen + 1:
-        raise ValueError(
-            f"too little calibration text: {tokens.numel()} tokens, windows need at least {seqlen + 1}"
-        )
+        raise ValueError(f"too little calibration text: {tokens.numel()} tokens, windows need at least {seqlen + 1}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
@@ -141,8 +139,9 @@ def image_text_pairs() -> tuple[list[tuple], list[tuple]]:
     return calib, held
 
 
-def clip_batches(pairs: list[tuple], image_processor, tokenizer, batch_size: int = 8,
-                 max_length: int | None = None) -> list[dict]:
+def clip_batches(
+    pairs: list[tuple], image_processor, tokenizer, batch_size: int = 8, max_length: int | None = None
+) -> list[dict]:
     """Model-input dicts (pixel_values, input_ids, attention_mask) for a CLIP-style model."""
     if len(pairs) < 2:
         raise ValueError(f"a contrastive batch needs at least 2 image-text pairs, got {len(pairs)}")
@@ -153,8 +152,18 @@ def clip_batches(pairs: list[tuple], image_processor, tokenizer, batch_size: int
             chunk = pairs[start - 1 : start + batch_size]
             out.pop()
         images = image_processor([p[0] for p in chunk], return_tensors="pt")
-        text = tokenizer([p[1] for p in chunk], padding=True, truncation=max_length is not None,
-                         max_length=max_length, return_tensors="pt")
-        out.append({"pixel_values": images["pixel_values"], "input_ids": text["input_ids"],
-                    "attention_mask": text["attention_mask"]})
+        text = tokenizer(
+            [p[1] for p in chunk],
+            padding=True,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        out.append(
+            {
+                "pixel_values": images["pixel_values"],
+                "input_ids": text["input_ids"],
+                "attention_mask": text["attention_mask"],
+            }
+        )
     return out

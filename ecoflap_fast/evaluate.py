@@ -29,5 +29,7 @@ def contrastive_loss(model, batches: list[dict], *, progress: bool = True) -> fl
     """Mean symmetric image-text contrastive loss of a CLIP-style model over held-out batches."""
     from .reference.stage1 import model_loss
 
-    losses = [float(model_loss(model, b)) for b in tqdm(batches, desc="contrastive loss", disable=not progress, leave=False)]
+    losses = [
+        float(model_loss(model, b)) for b in tqdm(batches, desc="contrastive loss", disable=not progress, leave=False)
+    ]
     return sum(losses) / len(losses)

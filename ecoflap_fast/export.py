@@ -38,8 +38,10 @@ def _check_24(name: str, w: torch.Tensor) -> None:
     bad = (per_group > 2).nonzero()
     if len(bad):
         r, g = (int(v) for v in bad[0])
-        raise ValueError(f"layer {name} is not 2:4 sparse (row {r}, columns {4 * g}..{4 * g + 3} hold "
-                         f"{int(per_group[r, g])} non-zeros); prune it with pattern 2:4 first")
+        raise ValueError(
+            f"layer {name} is not 2:4 sparse (row {r}, columns {4 * g}..{4 * g + 3} hold "
+            f"{int(per_group[r, g])} non-zeros); prune it with pattern 2:4 first"
+        )
 
 
 def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -76,13 +78,19 @@ def _encode(fmt: str, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     prefix = name[: -len(".weight")]
     if fmt == "ct-bitmask":
         p = ops.pack_bitmask(w)
-        return {f"{prefix}.compressed": p.values, f"{prefix}.bitmask": p.bitmask,
-                f"{prefix}.shape": torch.tensor(list(w.shape)).reshape(-1, 1),
-                f"{prefix}.row_offsets": p.row_offsets}
+        return {
+            f"{prefix}.compressed": p.values,
+            f"{prefix}.bitmask": p.bitmask,
+            f"{prefix}.shape": torch.tensor(list(w.shape)).reshape(-1, 1),
+            f"{prefix}.row_offsets": p.row_offsets,
+        }
     if fmt == "ct-24":
         p = ops.pack_bitmask(w, nm=(2, 4))
-        return {f"{prefix}.compressed": p.values, f"{prefix}.bitmask": p.bitmask,
-                f"{prefix}.shape": torch.tensor(list(w.shape)).reshape(-1, 1)}
+        return {
+            f"{prefix}.compressed": p.values,
+            f"{prefix}.bitmask": p.bitmask,
+            f"{prefix}.shape": torch.tensor(list(w.shape)).reshape(-1, 1),
+        }
     values, meta = ops.pack_24_cutlass(w)
     return {f"{prefix}.values": values, f"{prefix}.meta": meta}
 
@@ -94,8 +102,9 @@ def _decode(fmt: str, prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Te
     return ops.unpack_bitmask(tensors[f"{prefix}.compressed"], tensors[f"{prefix}.bitmask"], shape)
 
 
-def export_(model: nn.Module, out, fmt: str, *, tokenizer=None, force: bool = False,
-            dtype: torch.dtype | None = None) -> dict:
+def export_(
+    model: nn.Module, out, fmt: str, *, tokenizer=None, force: bool = False, dtype: torch.dtype | None = None
+) -> dict:
     """Write ``model`` to folder ``out`` in format ``fmt``; returns {"path", "bytes", "format", ...}."""
     from safetensors.torch import load_file, save_file
 
@@ -120,8 +129,9 @@ def export_(model: nn.Module, out, fmt: str, *, tokenizer=None, force: bool = Fa
             if w.dtype not in (torch.float16, torch.bfloat16):
                 raise ValueError(f"torch-24 stores float16/bfloat16 values; layer {name} is {w.dtype} (pass dtype=)")
             if w.shape[0] % 32 or w.shape[1] % 64:
-                raise ValueError(f"layer {name} has shape {tuple(w.shape)}; torch-24 needs rows % 32 == 0 and "
-                                 "columns % 64 == 0")
+                raise ValueError(
+                    f"layer {name} has shape {tuple(w.shape)}; torch-24 needs rows % 32 == 0 and columns % 64 == 0"
+                )
     zeros = sum(int((state[k] == 0).sum()) for k in layer_keys)
     total = sum(state[k].numel() for k in layer_keys)
     pattern = "2:4" if fmt in ("ct-24", "torch-24") else "unstructured"
@@ -168,8 +178,14 @@ def export_(model: nn.Module, out, fmt: str, *, tokenizer=None, force: bool = Fa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"path": str(out), "format": fmt, "bytes": nbytes, "weights_bytes": weights_bytes,
-            "global_sparsity": zeros / total, "dtype": str(next(iter(state.values())).dtype).replace("torch.", "")}
+    return {
+        "path": str(out),
+        "format": fmt,
+        "bytes": nbytes,
+        "weights_bytes": weights_bytes,
+        "global_sparsity": zeros / total,
+        "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""),
+    }
 
 
 def load_sparse(path, *, device: str = "cpu", dtype: torch.dtype | None = None):
@@ -223,6 +239,7 @@ def load_sparse(path, *, device: str = "cpu", dtype: torch.dtype | None = None):
                 lin = model.get_submodule(name)
                 lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.data), requires_grad=False)
         else:
-            warnings.warn("torch-24 checkpoint loaded dense: semi-structured sparse kernels need a CUDA device",
-                          stacklevel=2)
+            warnings.warn(
+                "torch-24 checkpoint loaded dense: semi-structured sparse kernels need a CUDA device", stacklevel=2
+            )
     return model

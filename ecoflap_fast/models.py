@@ -98,7 +98,9 @@ def resolve(model: str) -> Path:
         return default_model_dir()
     path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model path {model!r} does not exist (give a Hugging Face folder, a .gguf file, or 'default')")
+        raise FileNotFoundError(
+            f"model path {model!r} does not exist (give a Hugging Face folder, a .gguf file, or 'default')"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"model folder {model!r} has no config.json: not a Hugging Face model folder")
     if path.is_file() and path.suffix != ".gguf":

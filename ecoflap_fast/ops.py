@@ -194,8 +194,9 @@ class ActNormAccumulator:
     def add(self, x: torch.Tensor) -> None:
         _tensor("x", x)
         if x.dim() < 2 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape [B, T, {self.in_features}] or [T, {self.in_features}], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape [B, T, {self.in_features}] or [T, {self.in_features}], got {tuple(x.shape)}"
+            )
         _same_device(x=x, accumulator=self._sum)
         self._sum += col_sq_norms(x)
         self.nsamples += 1 if x.dim() == 2 else x.shape[0]
@@ -308,8 +309,10 @@ def unpack_24_cutlass(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"meta has shape {tuple(meta.shape)}, which does not describe values {tuple(values.shape)}")
     rows_mult = 16 if values.dtype == torch.int8 else 32
     if values.shape[0] % rows_mult or meta.shape[1] % 2:
-        raise ValueError(f"values {tuple(values.shape)} / meta {tuple(meta.shape)} are not a CUTLASS 2:4 layout "
-                         f"(rows a multiple of {rows_mult}, an even number of meta columns)")
+        raise ValueError(
+            f"values {tuple(values.shape)} / meta {tuple(meta.shape)} are not a CUTLASS 2:4 layout "
+            f"(rows a multiple of {rows_mult}, an even number of meta columns)"
+        )
     if _use_cpp(values):
         return _ext.ops().unpack_24_cutlass(values, meta)
     return ref.unpack_24_cutlass(values, meta)
@@ -340,7 +343,9 @@ def unpack_bitmask(values: torch.Tensor, bitmask: torch.Tensor, shape) -> torch.
         raise TypeError(f"bitmask must be uint8, got {bitmask.dtype}")
     rows, cols = (int(s) for s in shape)
     if bitmask.dim() != 2 or tuple(bitmask.shape) != (rows, (cols + 7) // 8):
-        raise ValueError(f"bitmask has shape {tuple(bitmask.shape)}; shape {(rows, cols)} needs {(rows, (cols + 7) // 8)}")
+        raise ValueError(
+            f"bitmask has shape {tuple(bitmask.shape)}; shape {(rows, cols)} needs {(rows, (cols + 7) // 8)}"
+        )
     _same_device(values=values, bitmask=bitmask)
     if _use_cpp(values):
         return _ext.ops().unpack_bitmask(values, bitmask, rows, cols)

@@ -71,7 +71,9 @@ class PruneConfig:
         if self.zo_estimator not in ("grad", "fd"):
             raise ValueError(f"zo estimator must be 'grad' or 'fd', got {self.zo_estimator!r}")
         if self.group not in ("block", "tensor") or self.group_reduce not in ("sum", "avg"):
-            raise ValueError(f"group must be block|tensor and group reduce sum|avg, got {self.group}/{self.group_reduce}")
+            raise ValueError(
+                f"group must be block|tensor and group reduce sum|avg, got {self.group}/{self.group_reduce}"
+            )
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
 
@@ -102,6 +104,7 @@ def _call(model: nn.Module, inputs: dict):
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration, batch_size: int):
     """[(hidden_states, other positional args, kwargs)] per calibration batch, as ``first_block``
     receives them."""
+
     def grab(_module, args, kwargs):
         raise _Captured(args, kwargs)
 
@@ -181,8 +184,10 @@ def _sequential_tower(model, tower, calibration, config, on_block, desc) -> None
     for i, block in enumerate(tqdm(tower.blocks, desc=desc, disable=not config.progress)):
         layers = blocks_mod.linears(block)
         accs = {name: stat(lin.in_features, lin.weight.device) for name, lin in layers.items()}
-        hooks = [lin.register_forward_hook(lambda _m, inp, _out, a=accs[name]: a.add(inp[0].detach()))
-                 for name, lin in layers.items()]
+        hooks = [
+            lin.register_forward_hook(lambda _m, inp, _out, a=accs[name]: a.add(inp[0].detach()))
+            for name, lin in layers.items()
+        ]
         try:
             _block_forward(block, inputs)
         finally:
@@ -197,12 +202,17 @@ def _check_layers(layers: dict, config: PruneConfig) -> None:
     if nm is not None:
         for name, lin in layers.items():
             if lin.in_features % nm[1]:
-                raise ValueError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}; "
-                                 f"{name} has {lin.in_features}")
+                raise ValueError(
+                    f"pattern {config.pattern} needs in_features divisible by {nm[1]}; {name} has {lin.in_features}"
+                )
 
 
-def allocate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
-             stage1_batches: list[torch.Tensor] | None = None) -> tuple[dict[str, float], dict]:
+def allocate(
+    model: nn.Module,
+    config: PruneConfig,
+    calibration: torch.Tensor | None = None,
+    stage1_batches: list[torch.Tensor] | None = None,
+) -> tuple[dict[str, float], dict]:
     """Per-Linear sparsity (full module name -> sparsity) and what stage 1 measured."""
     from . import stage1
     from .allocate import ecoflap_allocation, owl_sparsities
@@ -227,18 +237,32 @@ def allocate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
         ratios: dict[str, float] = {}
 
         def outliers(tower, i, block, accs):
-            scores = torch.cat([ops.wanda_scores(lin.weight.data, accs[n].scaler_row).flatten()
-                                for n, lin in blocks_mod.linears(block).items()])
+            scores = torch.cat(
+                [
+                    ops.wanda_scores(lin.weight.data, accs[n].scaler_row).flatten()
+                    for n, lin in blocks_mod.linears(block).items()
+                ]
+            )
             ratios[_block_key(tower, i)] = float((scores > config.owl_m * scores.mean()).float().mean())
 
         sequential_pass(model, calibration, config, outliers, "OWL: outlier ratios")
         keys = list(ratios)
         per_block = dict(zip(keys, owl_sparsities([ratios[k] for k in keys], config.sparsity, config.owl_lambda)))
-        return ({n: per_block[_group_of(n, "block")] for n in layers},
-                {"method": f"OWL (M={config.owl_m}, lambda={config.owl_lambda})", "outlier_ratio": ratios})
+        return (
+            {n: per_block[_group_of(n, "block")] for n in layers},
+            {"method": f"OWL (M={config.owl_m}, lambda={config.owl_lambda})", "outlier_ratio": ratios},
+        )
     method = "zo" if config.allocator == "ecoflap-zo" else "fo"
-    res = stage1.tensor_scores(model, stage1_batches, method=method, estimator=config.zo_estimator, eps=config.eps,
-                               seed=config.seed, fo_metric=config.fo_metric, progress=config.progress)
+    res = stage1.tensor_scores(
+        model,
+        stage1_batches,
+        method=method,
+        estimator=config.zo_estimator,
+        eps=config.eps,
+        seed=config.seed,
+        fo_metric=config.fo_metric,
+        progress=config.progress,
+    )
     groups: dict[str, list[str]] = {}
     for n in layers:
         groups.setdefault(_group_of(n, config.group), []).append(n)
@@ -249,9 +273,16 @@ def allocate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
         scores = [sc / sz for sc, sz in zip(scores, sizes)]
     alloc = ecoflap_allocation(sizes, scores, config.sparsity, config.m)
     per_group = dict(zip(keys, alloc.sparsity))
-    info = {"method": f"ECoFLaP stage 1: {res.method}", "stage1_s": res.seconds, "max_sparsity": config.m,
-            "group": config.group, "group_reduce": config.group_reduce, "group_scores": dict(zip(keys, scores)),
-            "tensor_scores": res.tensor_scores, "fallback": alloc.fallback}
+    info = {
+        "method": f"ECoFLaP stage 1: {res.method}",
+        "stage1_s": res.seconds,
+        "max_sparsity": config.m,
+        "group": config.group,
+        "group_reduce": config.group_reduce,
+        "group_scores": dict(zip(keys, scores)),
+        "tensor_scores": res.tensor_scores,
+        "fallback": alloc.fallback,
+    }
     return {n: per_group[_group_of(n, config.group)] for n in layers}, info
 
 

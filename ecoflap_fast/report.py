@@ -40,14 +40,18 @@ def plot_allocation(report: dict, path: Path) -> None:
     names = list(per_block)
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 3.6))
     ax.bar(range(len(names)), [per_block[n] for n in names], color="#4C72B0")
-    ax.axhline(report["target_sparsity"], color="#C44E52", ls="--", lw=1, label=f"target {report['target_sparsity']:.2f}")
+    ax.axhline(
+        report["target_sparsity"], color="#C44E52", ls="--", lw=1, label=f"target {report['target_sparsity']:.2f}"
+    )
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.rsplit(".", 1)[-1] for n in names], fontsize=7)
     ax.set_xlabel("block")
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, min(1.0, max(per_block.values()) * 1.15 + 0.05))
-    title = f"{report.get('model', '')}: {report['allocator']} + {report['pruner']} ({report['pattern']}), " \
-            f"achieved {report['achieved_sparsity']:.3f}"
+    title = (
+        f"{report.get('model', '')}: {report['allocator']} + {report['pruner']} ({report['pattern']}), "
+        f"achieved {report['achieved_sparsity']:.3f}"
+    )
     if report.get("ppl_pruned") is not None:
         title += f"\nperplexity {report['ppl_dense']:.2f} dense -> {report['ppl_pruned']:.2f} pruned"
     ax.set_title(title, fontsize=9)

@@ -55,7 +55,8 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean next-token cross-entropy, fp32: [batch]."""
     logits = logits.float()
     ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     return ce.view(ids.shape[0], -1).mean(1)
 
 
@@ -73,8 +74,15 @@ def _tile_kwargs(kwargs: dict, reps: int) -> dict:
 
 
 @torch.no_grad()
-def zo_fd_scores(model: nn.Module, batches: list[torch.Tensor], *, eps: float = 1e-3, seed: int = 0,
-                 only_blocks: set[int] | None = None, progress: bool = True) -> dict[str, float]:
+def zo_fd_scores(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    *,
+    eps: float = 1e-3,
+    seed: int = 0,
+    only_blocks: set[int] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """Fast forward-only finite differences (cached block inputs, batched ± perturbations)."""
     from .prune import capture_block_inputs
 
@@ -90,17 +98,21 @@ def zo_fd_scores(model: nn.Module, batches: list[torch.Tensor], *, eps: float = 
     for b, ids in enumerate(batches):
         device = next(model.parameters()).device
         ids = (ids["input_ids"] if isinstance(ids, dict) else ids).to(device)
-        (hidden, rest, kwargs), = capture_block_inputs(model, tower.blocks[0], ids, ids.shape[0])
-        bar = tqdm(list(enumerate(tower.blocks)), desc=f"stage 1 (fd) batch {b + 1}/{len(batches)}",
-                   disable=not progress, leave=False)
-        for l, block in bar:
+        ((hidden, rest, kwargs),) = capture_block_inputs(model, tower.blocks[0], ids, ids.shape[0])
+        bar = tqdm(
+            list(enumerate(tower.blocks)),
+            desc=f"stage 1 (fd) batch {b + 1}/{len(batches)}",
+            disable=not progress,
+            leave=False,
+        )
+        for li, block in bar:
             layers = blocks_mod.linears(block)
-            if only_blocks is None or l in only_blocks:
+            if only_blocks is None or li in only_blocks:
                 items = list(layers.items())
                 reps = 2 * len(items)
                 hooks = []
                 for j, (lname, lin) in enumerate(items):
-                    full = f"{tower.path}.{l}.{lname}"
+                    full = f"{tower.path}.{li}.{lname}"
                     z = noise_like(lin.weight, noise_seed(seed, index[full], b))
 
                     def shift(_m, inp, out, z=z, j=j):
@@ -120,10 +132,10 @@ def zo_fd_scores(model: nn.Module, batches: list[torch.Tensor], *, eps: float = 
                 kw = _tile_kwargs(kwargs, reps)
                 args = tuple(_tile_kwargs(dict(enumerate(rest)), reps).values())
                 try:
-                    for k in range(l, len(tower.blocks)):
+                    for k in range(li, len(tower.blocks)):
                         y = tower.blocks[k](h, *args, **kw)
                         h = y[0] if isinstance(y, (tuple, list)) else y
-                        if k == l:
+                        if k == li:
                             for hk in hooks:
                                 hk.remove()
                             hooks = []
@@ -132,7 +144,7 @@ def zo_fd_scores(model: nn.Module, batches: list[torch.Tensor], *, eps: float = 
                         hk.remove()
                 losses = _lm_loss(head(h), ids.repeat(reps, 1)).view(reps, -1).mean(1)
                 for j, (lname, _) in enumerate(items):
-                    full = f"{tower.path}.{l}.{lname}"
+                    full = f"{tower.path}.{li}.{lname}"
                     plus, minus = float(losses[2 * j]), float(losses[2 * j + 1])
                     scores[full] = scores.get(full, 0.0) + abs(plus - minus) / (2 * eps)
             y = block(hidden, *rest, **kwargs)
@@ -171,8 +183,9 @@ def _backward_pass(model: nn.Module, batches: list[torch.Tensor], on_grad, progr
             p.grad = None
 
 
-def zo_grad_scores(model: nn.Module, batches: list[torch.Tensor], *, seed: int = 0, progress: bool = True,
-                   only: set[str] | None = None) -> dict[str, float]:
+def zo_grad_scores(
+    model: nn.Module, batches: list[torch.Tensor], *, seed: int = 0, progress: bool = True, only: set[str] | None = None
+) -> dict[str, float]:
     """a_t = Σ_b |⟨z_tb, ∇_{W_t} L_b⟩| with the same z as the finite differences."""
     names = list(blocks_mod.prunable(model))
     index = {n: i for i, n in enumerate(names)}
@@ -187,7 +200,9 @@ def zo_grad_scores(model: nn.Module, batches: list[torch.Tensor], *, seed: int =
     return scores
 
 
-def fo_scores(model: nn.Module, batches: list[torch.Tensor], *, metric: str = "wg", progress: bool = True) -> dict[str, float]:
+def fo_scores(
+    model: nn.Module, batches: list[torch.Tensor], *, metric: str = "wg", progress: bool = True
+) -> dict[str, float]:
     """First-order: ḡ = mean_b |g| element-wise; score Σ |W|·ḡ ('wg') or Σ ḡ ('g')."""
     sums: dict[str, torch.Tensor] = {}
 
@@ -204,16 +219,31 @@ def fo_scores(model: nn.Module, batches: list[torch.Tensor], *, metric: str = "w
     return out
 
 
-def tensor_scores(model: nn.Module, batches: list[torch.Tensor], *, method: str = "zo", estimator: str = "grad",
-                  eps: float = 1e-3, seed: int = 0, fo_metric: str = "wg", progress: bool = True) -> Stage1Result:
+def tensor_scores(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    *,
+    method: str = "zo",
+    estimator: str = "grad",
+    eps: float = 1e-3,
+    seed: int = 0,
+    fo_metric: str = "wg",
+    progress: bool = True,
+) -> Stage1Result:
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
         if method == "zo" and estimator == "fd":
-            scores, label = zo_fd_scores(model, batches, eps=eps, seed=seed, progress=progress), "zeroth-order, finite differences (forward only)"
+            scores, label = (
+                zo_fd_scores(model, batches, eps=eps, seed=seed, progress=progress),
+                "zeroth-order, finite differences (forward only)",
+            )
         elif method == "zo":
-            scores, label = zo_grad_scores(model, batches, seed=seed, progress=progress), "zeroth-order, gradient estimator <z, grad L>"
+            scores, label = (
+                zo_grad_scores(model, batches, seed=seed, progress=progress),
+                "zeroth-order, gradient estimator <z, grad L>",
+            )
         elif method == "fo":
             scores, label = fo_scores(model, batches, metric=fo_metric, progress=progress), f"first-order ({fo_metric})"
         else:

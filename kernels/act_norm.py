@@ -13,8 +13,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _col_sq_norms_kernel(x_ptr, part_ptr, n_rows, n_cols, x_row_stride, rows_per_split,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _col_sq_norms_kernel(
+    x_ptr, part_ptr, n_rows, n_cols, x_row_stride, rows_per_split, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     r0 = split.to(tl.int64) * rows_per_split
@@ -50,8 +51,9 @@ def col_sq_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
     splits = triton.cdiv(rows, rows_per_split) if rows else 1
     part = torch.empty(splits, cols, dtype=torch.float32, device=x.device)
-    _col_sq_norms_kernel[(col_blocks, splits)](x2, part, rows, cols, x2.stride(0), rows_per_split,
-                                               BLOCK_R=block_r, BLOCK_C=block_c)
+    _col_sq_norms_kernel[(col_blocks, splits)](
+        x2, part, rows, cols, x2.stride(0), rows_per_split, BLOCK_R=block_r, BLOCK_C=block_c
+    )
     total = part.sum(0)
     if out is None:
         return total

@@ -24,9 +24,18 @@ from ._keys import order_key, score_of
 
 @triton.jit
 def _row_select_kernel(
-    src_ptr, sqrt_ptr, dst_ptr, mask_ptr,
-    n_cols, k, src_row_stride, dst_row_stride,
-    ABS: tl.constexpr, SCALED: tl.constexpr, PRUNE: tl.constexpr, BLOCK_N: tl.constexpr,
+    src_ptr,
+    sqrt_ptr,
+    dst_ptr,
+    mask_ptr,
+    n_cols,
+    k,
+    src_row_stride,
+    dst_row_stride,
+    ABS: tl.constexpr,
+    SCALED: tl.constexpr,
+    PRUNE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
@@ -54,9 +63,20 @@ def _row_select_kernel(
 
 @triton.jit
 def _nm_select_kernel(
-    src_ptr, sqrt_ptr, dst_ptr, mask_ptr,
-    n_groups_total, groups_per_row, n_cols, src_row_stride, dst_row_stride,
-    N: tl.constexpr, M: tl.constexpr, ABS: tl.constexpr, SCALED: tl.constexpr, PRUNE: tl.constexpr,
+    src_ptr,
+    sqrt_ptr,
+    dst_ptr,
+    mask_ptr,
+    n_groups_total,
+    groups_per_row,
+    n_cols,
+    src_row_stride,
+    dst_row_stride,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    ABS: tl.constexpr,
+    SCALED: tl.constexpr,
+    PRUNE: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     gid = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)  # flat group ids
@@ -79,8 +99,9 @@ def _nm_select_kernel(
 
 
 @triton.jit
-def _scores_kernel(src_ptr, sqrt_ptr, out_ptr, n_cols, src_row_stride,
-                   ABS: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scores_kernel(
+    src_ptr, sqrt_ptr, out_ptr, n_cols, src_row_stride, ABS: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     inb = offs < n_cols
@@ -108,13 +129,22 @@ def scores(src: torch.Tensor, scaler_row: torch.Tensor | None, use_abs: bool = T
     sq, scaled = _sqrt_or_dummy(scaler_row, src)
     out = torch.empty(rows, cols, dtype=torch.float32, device=src.device)
     block = min(4096, triton.next_power_of_2(max(cols, 16)))
-    _scores_kernel[(rows, triton.cdiv(cols, block))](src, sq, out, cols, src.stride(0),
-                                                     ABS=use_abs, SCALED=scaled, BLOCK_N=block)
+    _scores_kernel[(rows, triton.cdiv(cols, block))](
+        src, sq, out, cols, src.stride(0), ABS=use_abs, SCALED=scaled, BLOCK_N=block
+    )
     return out
 
 
-def select(src: torch.Tensor, scaler_row: torch.Tensor | None, *, k: int = 0, nm=None, use_abs: bool = True,
-           per_matrix: bool = False, prune_into: torch.Tensor | None = None):
+def select(
+    src: torch.Tensor,
+    scaler_row: torch.Tensor | None,
+    *,
+    k: int = 0,
+    nm=None,
+    use_abs: bool = True,
+    per_matrix: bool = False,
+    prune_into: torch.Tensor | None = None,
+):
     """Select (SPEC §2) on ``src`` scores. With ``prune_into`` (may be ``src`` itself) write zeros
     there and return the selection size; otherwise return the bool mask. Inputs are validated by
     ``ecoflap_fast.ops``."""
@@ -138,16 +168,43 @@ def select(src: torch.Tensor, scaler_row: torch.Tensor | None, *, k: int = 0, nm
         groups = rows * (cols // m)
         block_g = max(1, min(1024, 4096 // (m * m)))
         _nm_select_kernel[(triton.cdiv(groups, block_g),)](
-            src, sq, dst, mask_arg, groups, cols // m, cols, src.stride(0), dst.stride(0),
-            N=n, M=m, ABS=use_abs, SCALED=scaled, PRUNE=prune, BLOCK_G=block_g)
+            src,
+            sq,
+            dst,
+            mask_arg,
+            groups,
+            cols // m,
+            cols,
+            src.stride(0),
+            dst.stride(0),
+            N=n,
+            M=m,
+            ABS=use_abs,
+            SCALED=scaled,
+            PRUNE=prune,
+            BLOCK_G=block_g,
+        )
         count = groups * (m - n)
     else:
         block = triton.next_power_of_2(max(cols, 16))
         if block > MAX_ROW_BLOCK:
             raise ValueError(f"rows of {cols} columns exceed the per-row kernel's limit of {MAX_ROW_BLOCK}")
         warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-        _row_select_kernel[(rows,)](src, sq, dst, mask_arg, cols, k, src.stride(0), dst.stride(0),
-                                    ABS=use_abs, SCALED=scaled, PRUNE=prune, BLOCK_N=block, num_warps=warps)
+        _row_select_kernel[(rows,)](
+            src,
+            sq,
+            dst,
+            mask_arg,
+            cols,
+            k,
+            src.stride(0),
+            dst.stride(0),
+            ABS=use_abs,
+            SCALED=scaled,
+            PRUNE=prune,
+            BLOCK_N=block,
+            num_warps=warps,
+        )
         count = rows * k
     return count if prune else mask.view(torch.bool)
 

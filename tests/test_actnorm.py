@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, dtype_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ecoflap_fast import ops
 from ecoflap_fast import reference as ref
-from helpers import FLOAT_DTYPES, dtype_id
 
 # fp32 accumulation error over a few thousand terms: relative, against an fp64 reference
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
@@ -54,8 +54,10 @@ def test_accumulator_errors():
 
 
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 20)), min_size=1, max_size=5),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 20)), min_size=1, max_size=5),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_property_accumulator(sizes, seed):
     g = torch.Generator().manual_seed(seed)
     ours, wanda = ops.ActNormAccumulator(12), ref.ActNormAccumulator(12)

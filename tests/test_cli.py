@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_llama, word_text, word_tokenizer
 
 from ecoflap_fast.cli import main
-from tiny_models import tiny_llama, word_text, word_tokenizer
 
 
 def _tree_digest(folder: Path) -> str:
@@ -35,23 +35,61 @@ def workdir(tmp_path_factory):
 def _odd_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=66, intermediate_size=132, num_hidden_layers=2, num_attention_heads=3,
-                      num_key_value_heads=1, vocab_size=128)
+    cfg = LlamaConfig(
+        hidden_size=66,
+        intermediate_size=132,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        vocab_size=128,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def _args(root, model="tiny", out="out", *extra):
-    return ["prune", "--model", str(root / model), "--calib-text", str(root / "calib.txt"), "--eval-text",
-            str(root / "eval.txt"), "--nsamples", "4", "--seqlen", "16", "--eval-windows", "2", "--eval-seqlen", "32",
-            "--output", str(root / out), "--no-progress", *extra]
+    return [
+        "prune",
+        "--model",
+        str(root / model),
+        "--calib-text",
+        str(root / "calib.txt"),
+        "--eval-text",
+        str(root / "eval.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--eval-windows",
+        "2",
+        "--eval-seqlen",
+        "32",
+        "--output",
+        str(root / out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_prune_writes_report_and_plot(workdir, capsys):
     before = _tree_digest(workdir / "tiny")
     assert main(_args(workdir, "tiny", "run1", "--sparsity", "0.6", "--eval")) == 0
     rep = json.loads((workdir / "run1" / "report.json").read_text())
-    for key in ["model", "allocator", "pruner", "pattern", "target_sparsity", "achieved_sparsity", "layer_sparsity",
-                "ppl_dense", "ppl_pruned", "timings", "device", "seed", "nsamples", "seqlen"]:
+    for key in [
+        "model",
+        "allocator",
+        "pruner",
+        "pattern",
+        "target_sparsity",
+        "achieved_sparsity",
+        "layer_sparsity",
+        "ppl_dense",
+        "ppl_pruned",
+        "timings",
+        "device",
+        "seed",
+        "nsamples",
+        "seqlen",
+    ]:
         assert key in rep, key
     assert set(rep["timings"]) >= {"stage1_s", "stage2_s", "eval_s", "total_s"}
     assert rep["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
@@ -78,8 +116,10 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_one_line_error_nothing_written(workdir, capsys, case):
     _, opts, message = case
-    extra = [str(workdir / "short.txt") if e == "SHORT" else (str(workdir / "nofile") if e == "NOFILE" else e)
-             for e in opts.get("extra", [])]
+    extra = [
+        str(workdir / "short.txt") if e == "SHORT" else (str(workdir / "nofile") if e == "NOFILE" else e)
+        for e in opts.get("extra", [])
+    ]
     out = f"bad-{case[0]}"
     args = _args(workdir, opts.get("model", "tiny"), out, *extra)
     if opts.get("model") == "nope":
@@ -131,25 +171,48 @@ def test_sparsity_out_of_range(workdir, capsys, value):
 
 
 def test_eval_command(workdir, capsys):
-    args = ["eval", "--model", str(workdir / "tiny"), "--eval-text", str(workdir / "eval.txt"), "--eval-windows", "2",
-            "--eval-seqlen", "32", "--no-progress"]
+    args = [
+        "eval",
+        "--model",
+        str(workdir / "tiny"),
+        "--eval-text",
+        str(workdir / "eval.txt"),
+        "--eval-windows",
+        "2",
+        "--eval-seqlen",
+        "32",
+        "--no-progress",
+    ]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ppl"] > 1
 
 
 def test_prune_with_export_and_export_command(workdir, capsys):
-    assert main(_args(workdir, "tiny", "exp", "--pattern", "2:4", "--export", "ct-24", "torch-24",
-                      "--save-model")) == 0
+    assert main(_args(workdir, "tiny", "exp", "--pattern", "2:4", "--export", "ct-24", "torch-24", "--save-model")) == 0
     rep = json.loads((workdir / "exp" / "report.json").read_text())
     assert {e["format"] for e in rep["exports"]} == {"ct-24", "torch-24"}
     assert (workdir / "exp" / "ct-24" / "model.safetensors").exists()
     assert (workdir / "exp" / "torch-24" / "config.json").exists()
-    assert main(["export", "--model", str(workdir / "exp" / "model"), "--format", "ct-bitmask", "--output",
-                 str(workdir / "exp-ct")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(workdir / "exp" / "model"),
+                "--format",
+                "ct-bitmask",
+                "--output",
+                str(workdir / "exp-ct"),
+            ]
+        )
+        == 0
+    )
     assert "verified against the model" in capsys.readouterr().out
     # a dense model refuses to go into a 2:4 format, naming the layer, writing nothing
-    assert main(["export", "--model", str(workdir / "tiny"), "--format", "ct-24", "--output",
-                 str(workdir / "never-24")]) == 2
+    assert (
+        main(["export", "--model", str(workdir / "tiny"), "--format", "ct-24", "--output", str(workdir / "never-24")])
+        == 2
+    )
     assert "model.layers.0.self_attn.q_proj is not 2:4 sparse" in capsys.readouterr().err
     assert not (workdir / "never-24").exists()

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import clip_processors, tiny_clip
 
 from ecoflap_fast import blocks, data, evaluate
 from ecoflap_fast.prune import PruneConfig, prune_
-from tiny_models import clip_processors, tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +13,10 @@ def batches():
     image_processor, tokenizer = clip_processors()
     calib, held = data.image_text_pairs()
     assert len(calib) == 15 and len(held) == 6
-    return (data.clip_batches(calib, image_processor, tokenizer, batch_size=8),
-            data.clip_batches(held, image_processor, tokenizer, batch_size=8))
+    return (
+        data.clip_batches(calib, image_processor, tokenizer, batch_size=8),
+        data.clip_batches(held, image_processor, tokenizer, batch_size=8),
+    )
 
 
 def test_towers_found_in_forward_order():
@@ -39,8 +41,9 @@ def test_clip_prune_and_evaluate(batches, allocator):
     # projection heads and embeddings stay dense
     fresh = tiny_clip()
     assert torch.equal(model.visual_projection.weight, fresh.visual_projection.weight)
-    assert torch.equal(model.text_model.embeddings.token_embedding.weight,
-                       fresh.text_model.embeddings.token_embedding.weight)
+    assert torch.equal(
+        model.text_model.embeddings.token_embedding.weight, fresh.text_model.embeddings.token_embedding.weight
+    )
 
 
 def test_clip_zo_fd_uses_plain_order(batches):
@@ -63,8 +66,24 @@ def test_cli_prunes_a_clip_folder(tmp_path, capsys):
     image_processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     out = tmp_path / "out"
-    assert main(["prune", "--model", str(folder), "--sparsity", "0.4", "--eval", "--output", str(out),
-                 "--no-progress", "--allocator", "ecoflap-zo"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(folder),
+                "--sparsity",
+                "0.4",
+                "--eval",
+                "--output",
+                str(out),
+                "--no-progress",
+                "--allocator",
+                "ecoflap-zo",
+            ]
+        )
+        == 0
+    )
     import json
 
     rep = json.loads((out / "report.json").read_text())

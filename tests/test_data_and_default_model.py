@@ -60,8 +60,11 @@ def test_default_model_exports_round_trip(tmp_path):
 
     model, tok = models.load_model("default")
     calib, held = data.split(data.wiki_articles())
-    prune_(model, data.calibration_windows(data.tokenize(tok, calib[:1000]), 4, 64),
-           PruneConfig(pattern="2:4", allocator="uniform", progress=False))
+    prune_(
+        model,
+        data.calibration_windows(data.tokenize(tok, calib[:1000]), 4, 64),
+        PruneConfig(pattern="2:4", allocator="uniform", progress=False),
+    )
     windows = data.eval_windows(data.tokenize(tok, held[:100]), 128, 1)
     export_(model, tmp_path / "ref", "hf-dense", dtype=torch.bfloat16)
     want = evaluate.perplexity(load_sparse(tmp_path / "ref"), windows, progress=False)
@@ -70,4 +73,3 @@ def test_default_model_exports_round_trip(tmp_path):
         with pytest.warns(UserWarning) if fmt == "torch-24" else contextlib.nullcontext():
             back = load_sparse(tmp_path / fmt)
         assert evaluate.perplexity(back, windows, progress=False) == want, fmt
-

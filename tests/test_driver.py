@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_opt
 
 from ecoflap_fast import blocks, ops
 from ecoflap_fast.prune import PruneConfig, prune_
-from tiny_models import tiny_llama, tiny_opt
 
 MODELS = {"llama": tiny_llama, "opt": tiny_opt}
 
@@ -17,16 +17,16 @@ def naive_sequential_wanda(model, calibration, config):
     nm = {"2:4": (2, 4), "4:8": (4, 8)}.get(config.pattern)
     for block in tower.blocks:
         layers = blocks.linears(block)
-        accs = {n: ops.ActNormAccumulator(l.in_features) for n, l in layers.items()}
-        hooks = [l.register_forward_hook(lambda _m, i, _o, a=accs[n]: a.add(i[0])) for n, l in layers.items()]
+        accs = {n: ops.ActNormAccumulator(lin.in_features) for n, lin in layers.items()}
+        hooks = [lin.register_forward_hook(lambda _m, i, _o, a=accs[n]: a.add(i[0])) for n, lin in layers.items()]
         with torch.no_grad():
             for chunk in calibration.split(config.batch_size):
                 model(chunk, use_cache=False)
         for h in hooks:
             h.remove()
-        for n, l in layers.items():
+        for n, lin in layers.items():
             kw = {"nm": nm} if nm else {"sparsity": config.sparsity}
-            ops.wanda_prune_(l.weight.data, accs[n].scaler_row, **kw)
+            ops.wanda_prune_(lin.weight.data, accs[n].scaler_row, **kw)
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -53,8 +53,14 @@ def test_block_discovery_and_unknown_layout():
     towers = blocks.find_towers(tiny_llama())
     assert [t.path for t in towers] == ["model.layers"]
     assert set(blocks.linears(towers[0].blocks[0])) == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
     with pytest.raises(ValueError, match="no repeated transformer blocks found in Sequential"):
         blocks.find_towers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
@@ -89,8 +95,9 @@ def test_non_uniform_allocators_hit_the_target(family, allocator):
 
 
 def test_nm_pattern_ignores_allocation():
-    rep = prune_(tiny_llama(), torch.randint(0, 128, (4, 16)),
-                 PruneConfig(pattern="2:4", allocator="ecoflap-zo", progress=False))
+    rep = prune_(
+        tiny_llama(), torch.randint(0, 128, (4, 16)), PruneConfig(pattern="2:4", allocator="ecoflap-zo", progress=False)
+    )
     assert "uniform" in rep["stage1"]["method"]
     assert all(s == 0.5 for s in rep["layer_sparsity"].values())
 
@@ -102,8 +109,10 @@ def test_sparsegpt_reconstruction():
 
     torch.manual_seed(0)
     w = torch.randn(48, 96)
-    cases = {"correlated": torch.randn(8, 64, 96) @ torch.randn(96, 96) * 0.1,
-             "channel scales": torch.randn(8, 64, 96) * torch.exp(torch.randn(96))}
+    cases = {
+        "correlated": torch.randn(8, 64, 96) @ torch.randn(96, 96) * 0.1,
+        "channel scales": torch.randn(8, 64, 96) * torch.exp(torch.randn(96)),
+    }
     for name, x in cases.items():
         hess, norms = HessianAccumulator(96), ops.ActNormAccumulator(96)
         hess.add(x)
@@ -126,6 +135,9 @@ def test_sparsegpt_reconstruction():
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_driver(pattern):
     model = tiny_llama()
-    rep = prune_(model, torch.randint(0, 128, (4, 16)),
-                 PruneConfig(sparsity=0.5, pattern=pattern, pruner="sparsegpt", progress=False))
+    rep = prune_(
+        model,
+        torch.randint(0, 128, (4, 16)),
+        PruneConfig(sparsity=0.5, pattern=pattern, pruner="sparsegpt", progress=False),
+    )
     assert rep["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)

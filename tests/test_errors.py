@@ -73,15 +73,35 @@ PACK_CASES = [
     ("pack24-dtype", ops.pack_24_cutlass, (torch.zeros(32, 32),), TypeError, "dense must have dtype"),
     ("pack24-1d", ops.pack_24_cutlass, (torch.zeros(32, dtype=torch.half),), ValueError, "dense must be 2-D"),
     ("pack24-shape", ops.pack_24_cutlass, (torch.zeros(30, 32, dtype=torch.half),), ValueError, "CUTLASS 2:4 layout"),
-    ("unpack24-meta-dtype", ops.unpack_24_cutlass, (torch.zeros(32, 16, dtype=torch.half), torch.zeros(32, 2, dtype=torch.int32)),
-     TypeError, "meta must have dtype"),
-    ("unpack24-meta-shape", ops.unpack_24_cutlass, (torch.zeros(32, 16, dtype=torch.half), torch.zeros(32, 4, dtype=torch.int16)),
-     ValueError, "does not describe values"),
+    (
+        "unpack24-meta-dtype",
+        ops.unpack_24_cutlass,
+        (torch.zeros(32, 16, dtype=torch.half), torch.zeros(32, 2, dtype=torch.int32)),
+        TypeError,
+        "meta must have dtype",
+    ),
+    (
+        "unpack24-meta-shape",
+        ops.unpack_24_cutlass,
+        (torch.zeros(32, 16, dtype=torch.half), torch.zeros(32, 4, dtype=torch.int16)),
+        ValueError,
+        "does not describe values",
+    ),
     ("bitmask-dtype", ops.pack_bitmask, (torch.zeros(4, 4, dtype=torch.int64),), TypeError, "dense must have dtype"),
-    ("unpack-bitmask-dtype", ops.unpack_bitmask, (torch.zeros(3), torch.zeros(2, 1, dtype=torch.int8), (2, 8)),
-     TypeError, "bitmask must be uint8"),
-    ("unpack-bitmask-shape", ops.unpack_bitmask, (torch.zeros(3), torch.zeros(2, 2, dtype=torch.uint8), (2, 8)),
-     ValueError, "bitmask has shape"),
+    (
+        "unpack-bitmask-dtype",
+        ops.unpack_bitmask,
+        (torch.zeros(3), torch.zeros(2, 1, dtype=torch.int8), (2, 8)),
+        TypeError,
+        "bitmask must be uint8",
+    ),
+    (
+        "unpack-bitmask-shape",
+        ops.unpack_bitmask,
+        (torch.zeros(3), torch.zeros(2, 2, dtype=torch.uint8), (2, 8)),
+        ValueError,
+        "bitmask has shape",
+    ),
 ]
 
 

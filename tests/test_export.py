@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from ecoflap_fast import blocks, export_, load_sparse
 from ecoflap_fast.export import FORMATS
 from ecoflap_fast.prune import PruneConfig, prune_
-from tiny_models import tiny_llama
 
 HERE = Path(__file__).resolve().parent
 
@@ -115,8 +115,10 @@ def test_killed_export_leaves_no_destination(tmp_path):
         assert (tmp_path / "dest" / "model.safetensors").exists() or not (tmp_path / "dest").exists()
 
 
-@pytest.mark.skipif(not os.environ.get("ECOFLAP_CT012_PATH"),
-                    reason="compressed-tensors 0.12 test environment not prepared (make setup creates .ct-0.12)")
+@pytest.mark.skipif(
+    not os.environ.get("ECOFLAP_CT012_PATH"),
+    reason="compressed-tensors 0.12 test environment not prepared (make setup creates .ct-0.12)",
+)
 @pytest.mark.parametrize("fmt", ["ct-bitmask", "ct-24"])
 def test_compressed_tensors_012_decompresses_our_checkpoint(tmp_path, fmt):
     """compressed-tensors 0.12.2's own decompressors, in their own environment, read every tensor exactly."""
@@ -143,7 +145,11 @@ for name, want in expected.items():
 print("compressed-tensors", compressed_tensors.__version__, "read", len(expected), "tensors exactly")
 """
     env = dict(os.environ, PYTHONPATH=os.environ["ECOFLAP_CT012_PATH"])
-    out = subprocess.run([sys.executable, "-c", code, fmt, str(tmp_path / fmt), str(tmp_path / "expected.pt")],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code, fmt, str(tmp_path / fmt), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "read 14 tensors exactly" in out.stdout

@@ -3,10 +3,10 @@ with poisoned outputs. Skipped with a reason when no CUDA device is visible."""
 
 import pytest
 import torch
+from helpers import assert_equal_exact, tie_heavy_scaler, tie_heavy_weight
 
 from ecoflap_fast import _ext, ops
 from ecoflap_fast import reference as ref
-from helpers import assert_equal_exact, tie_heavy_scaler, tie_heavy_weight
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +38,9 @@ def test_prune_matches_cpu_on_layer_shapes(shape, dtype, kw):
 def test_per_matrix_and_scores_on_gpu():
     w = tie_heavy_weight(1024, 4096, torch.bfloat16)
     s = tie_heavy_scaler(4096)
-    assert_equal_exact(ops.wanda_mask(w.cuda(), s.cuda(), 0.6, per="matrix").cpu(), ops.wanda_mask(w, s, 0.6, per="matrix"))
+    assert_equal_exact(
+        ops.wanda_mask(w.cuda(), s.cuda(), 0.6, per="matrix").cpu(), ops.wanda_mask(w, s, 0.6, per="matrix")
+    )
     assert_equal_exact(ops.wanda_scores(w.cuda(), s.cuda()).cpu(), ref.wanda_scores(w, s), "scores")
 
 

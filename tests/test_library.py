@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from helpers import tie_heavy_scaler, tie_heavy_weight
 
 import ecoflap_fast  # noqa: F401  (registers the operators)
 from ecoflap_fast import _ext, _library
 from ecoflap_fast import reference as ref
-from helpers import tie_heavy_scaler, tie_heavy_weight
 
 needs_ext = pytest.mark.skipif(not _ext.is_available(), reason=f"C++ extension unavailable: {_ext.reason()}")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

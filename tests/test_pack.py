@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import assert_equal_exact, dtype_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.sparse._semi_structured_conversions import (
@@ -12,7 +13,6 @@ from torch.sparse._semi_structured_conversions import (
 
 from ecoflap_fast import _ext, ops
 from ecoflap_fast import reference as ref
-from helpers import assert_equal_exact, dtype_id
 
 pytestmark = pytest.mark.skipif(not _ext.is_available(), reason=f"C++ extension unavailable: {_ext.reason()}")
 
@@ -37,8 +37,11 @@ def random_nm(rows, cols, dtype, n=2, m=4, *, fewer=True, gen=None):
     return dense
 
 
-CUTLASS_SHAPES = {torch.float16: [(32, 32), (64, 96), (96, 4096)], torch.bfloat16: [(32, 32), (160, 1056)],
-                  torch.int8: [(16, 64), (48, 192), (128, 4096)]}
+CUTLASS_SHAPES = {
+    torch.float16: [(32, 32), (64, 96), (96, 4096)],
+    torch.bfloat16: [(32, 32), (160, 1056)],
+    torch.int8: [(16, 64), (48, 192), (128, 4096)],
+}
 CUTLASS_CASES = [(dt, s) for dt, shapes in CUTLASS_SHAPES.items() for s in shapes]
 
 
@@ -147,8 +150,12 @@ def test_property_bitmask_round_trip(rows, cols, density, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(row_tiles=st.integers(1, 3), col_tiles=st.integers(1, 4), dtype=st.sampled_from([torch.float16, torch.int8]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    row_tiles=st.integers(1, 3),
+    col_tiles=st.integers(1, 4),
+    dtype=st.sampled_from([torch.float16, torch.int8]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_property_cutlass(row_tiles, col_tiles, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     rows, cols = (32 * row_tiles, 32 * col_tiles) if dtype == torch.float16 else (16 * row_tiles, 64 * col_tiles)

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, assert_equal_exact, dtype_id, tie_heavy_scaler, tie_heavy_weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ecoflap_fast import _ext, ops
 from ecoflap_fast import reference as ref
-from helpers import FLOAT_DTYPES, assert_equal_exact, dtype_id, tie_heavy_scaler, tie_heavy_weight
 
 pytestmark = pytest.mark.skipif(not _ext.is_available(), reason=f"C++ extension unavailable: {_ext.reason()}")
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_opt
 
 from ecoflap_fast import blocks, stage1
 from ecoflap_fast.reference import stage1 as ref_stage1
-from tiny_models import tiny_llama, tiny_opt
 
 
 def _batches(n=2, bsz=2, seqlen=16, seed=0):

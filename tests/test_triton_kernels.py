@@ -4,9 +4,9 @@ Without a GPU they run on CPU tensors under TRITON_INTERPRET=1 (small shapes); w
 
 import pytest
 import torch
+from helpers import FLOAT_DTYPES, assert_equal_exact, dtype_id, tie_heavy_scaler, tie_heavy_weight
 
 from ecoflap_fast import reference as ref
-from helpers import FLOAT_DTYPES, assert_equal_exact, dtype_id, tie_heavy_scaler, tie_heavy_weight
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from ecoflap_fast.kernels import act_norm, select  # noqa: E402
@@ -32,8 +32,11 @@ def test_row_select_mask_and_prune(shape, dtype, sparsity):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("nm,shape", [((2, 4), (3, 8)), ((2, 4), (9, 36)), ((4, 8), (5, 32)), ((1, 4), (2, 12)),
-                                      ((5, 32), (3, 64))], ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else None)
+@pytest.mark.parametrize(
+    "nm,shape",
+    [((2, 4), (3, 8)), ((2, 4), (9, 36)), ((4, 8), (5, 32)), ((1, 4), (2, 12)), ((5, 32), (3, 64))],
+    ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else None,
+)
 def test_nm_select(nm, shape, dtype):
     w = tie_heavy_weight(*shape, dtype).to(DEVICE)
     s = tie_heavy_scaler(shape[1]).to(DEVICE)

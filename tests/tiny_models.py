@@ -9,8 +9,15 @@ def tiny_llama(hidden=64, layers=2, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -18,8 +25,15 @@ def tiny_opt(hidden=64, layers=2, seed=0):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    cfg = OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                    vocab_size=128, word_embed_proj_dim=hidden, max_position_embeddings=256)
+    cfg = OPTConfig(
+        hidden_size=hidden,
+        ffn_dim=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=128,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=256,
+    )
     return OPTForCausalLM(cfg).eval()
 
 
@@ -46,11 +60,24 @@ def tiny_clip(seed=0):
 
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=256, max_position_embeddings=32),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=256,
+            max_position_embeddings=32,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     return CLIPModel(cfg).eval()
 
 

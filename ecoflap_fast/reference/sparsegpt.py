@@ -45,8 +45,15 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sparsegpt_prune_(weight: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, *, nm=None,
-                     blocksize: int = 128, percdamp: float = 0.01) -> int:
+def sparsegpt_prune_(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float | None = None,
+    *,
+    nm=None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> int:
     """Prune ``weight`` [out, in] in place; returns the number of weights set to zero by the mask."""
     from .. import ops
 

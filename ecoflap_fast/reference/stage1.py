@@ -44,8 +44,15 @@ def model_loss(model, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zo_tensor_scores(model, layers: dict, batches: list[torch.Tensor], eps: float = 1e-3, seed: int = 0,
-                     loss_fn=model_loss, only: set[str] | None = None) -> dict[str, float]:
+def zo_tensor_scores(
+    model,
+    layers: dict,
+    batches: list[torch.Tensor],
+    eps: float = 1e-3,
+    seed: int = 0,
+    loss_fn=model_loss,
+    only: set[str] | None = None,
+) -> dict[str, float]:
     """a_t for every tensor in ``layers`` (name -> nn.Linear), or only those named in ``only``."""
     scores = {name: 0.0 for name in layers if only is None or name in only}
     for b, batch in enumerate(batches):
