@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import baselines  # noqa: E402
 from benchmarks.harness import RESULTS_DIR, Results, copy_bandwidth_gbs, measure  # noqa: E402
-from benchmarks.shapes import SHAPE_SETS  # noqa: E402
+from benchmarks.shapes import ACT_CHUNK_TOKENS, SHAPE_SETS  # noqa: E402
 from ecoflap_fast import ops  # noqa: E402
 
-OPS = ["prune_row", "prune_24", "pack_24_cutlass", "pack_bitmask"]
+OPS = ["prune_row", "prune_24", "pack_24_cutlass", "pack_bitmask", "col_sq_norms"]
 
 
 def _weight(shape, dtype, device, nm=None):
@@ -91,15 +91,18 @@ def run(device: str, shapes: dict, dtype, op_names, repeat: int, sparsity: float
             w, _ = _weight(shape, dtype, device, nm=(2, 4))
             setup = lambda: (w,)  # noqa: E731
             # read the dense matrix, write half of it plus 1/8 byte of meta per weight
+            providers_24 = {
+                "ecoflap_fast": (ops.pack_24_cutlass, setup),
+                "torch_converter": (baselines.torch_cutlass_pack, setup),
+            }
+            if device.startswith("cuda"):
+                providers_24["torch_cslt_compress"] = (torch._cslt_compress, setup)
             record(
                 "pack_24_cutlass",
                 shape_name,
                 numel,
                 numel * bytes_per * 1.5 + numel // 8,
-                {
-                    "ecoflap_fast": (ops.pack_24_cutlass, setup),
-                    "torch_converter": (baselines.torch_cutlass_pack, setup),
-                },
+                providers_24,
             )
         if "pack_bitmask" in op_names:
             w, _ = _weight(shape, dtype, device, nm=(2, 4))
@@ -112,6 +115,20 @@ def run(device: str, shapes: dict, dtype, op_names, repeat: int, sparsity: float
                 {
                     "ecoflap_fast": (ops.pack_bitmask, setup),
                     "compressed_tensors_style": (baselines.bitmask_pack, setup),
+                },
+            )
+        if "col_sq_norms" in op_names:
+            # calibration-sized chunks of activations feeding a Linear with in_features = shape[1]
+            tokens = ACT_CHUNK_TOKENS if device.startswith("cuda") else 2048
+            x = torch.randn(tokens, shape[1], dtype=dtype, device=device)
+            record(
+                "col_sq_norms",
+                f"{tokens} tok x {shape[1]}",
+                x.numel(),
+                x.numel() * bytes_per,
+                {
+                    "ecoflap_fast": (ops.col_sq_norms, lambda: (x,)),
+                    "wanda_float_norm": (baselines.wanda_act_norm, lambda: (x,)),
                 },
             )
     return res
