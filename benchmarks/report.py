@@ -199,12 +199,12 @@ def seeds_table(rows: list[dict]) -> str:
     for r in rows:
         if r["op"] == "perplexity" and r["provider"] in ("uniform", "ecoflap-zo"):
             runs[(r["date"], r["commit"])][(r["provider"], r["shape"])] = float(r["median"])
-    lines = ["| run (seed) | sparsity | uniform | ecoflap-zo | ratio |", "|---|---:|---:|---:|---:|"]
+    lines = ["| run | sparsity | uniform | ecoflap-zo | ratio |", "|---|---:|---:|---:|---:|"]
     for i, (run, vals) in enumerate(sorted(runs.items()), start=1):
         for s in sorted({sp for (_, sp) in vals}, key=float):
             u, z = vals.get(("uniform", s)), vals.get(("ecoflap-zo", s))
             if u and z:
-                lines.append(f"| {run[0]} (seed {i}) | {s} | {u:.1f} | {z:.1f} | **{z / u:.2f}×** |")
+                lines.append(f"| {i}: {run[0]} | {s} | {u:.1f} | {z:.1f} | **{z / u:.2f}×** |")
     return "\n".join(lines)
 
 
