@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", type=Path, required=True)
     x.add_argument("--force", action="store_true", help="replace an existing output folder")
     x.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="dtype of the exported weights")
+    x.add_argument(
+        "--plain-config",
+        action="store_true",
+        help="hf-dense: metadata in sparsity_config.json, so plain transformers loads the folder "
+        "without the compressed-tensors package",
+    )
     e = sub.add_parser("eval", help="held-out perplexity of a model")
     _common(e)
     return parser
@@ -219,7 +225,13 @@ def _export(a) -> dict:
     model, tok = models.load_model(a.model)
     dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
     return export_(
-        model, out, a.format, tokenizer=tok if not isinstance(tok, tuple) else None, force=a.force, dtype=dtype
+        model,
+        out,
+        a.format,
+        tokenizer=tok if not isinstance(tok, tuple) else None,
+        force=a.force,
+        dtype=dtype,
+        plain_config=a.plain_config,
     )
 
 

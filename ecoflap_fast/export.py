@@ -103,13 +103,26 @@ def _decode(fmt: str, prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Te
 
 
 def export_(
-    model: nn.Module, out, fmt: str, *, tokenizer=None, force: bool = False, dtype: torch.dtype | None = None
+    model: nn.Module,
+    out,
+    fmt: str,
+    *,
+    tokenizer=None,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    plain_config: bool = False,
 ) -> dict:
-    """Write ``model`` to folder ``out`` in format ``fmt``; returns {"path", "bytes", "format", ...}."""
+    """Write ``model`` to folder ``out`` in format ``fmt``; returns {"path", "bytes", "format", ...}.
+
+    ``plain_config`` (hf-dense only): keep config.json free of the compressed-tensors
+    ``quantization_config`` (which makes ``transformers.from_pretrained`` require that package) and
+    write the same metadata to ``sparsity_config.json`` beside it instead."""
     from safetensors.torch import load_file, save_file
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if plain_config and fmt != "hf-dense":
+        raise ValueError(f"plain_config applies to hf-dense only; {fmt} needs its metadata in config.json")
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise FileExistsError(f"export destination {str(out)!r} exists; pass force=True (--force) to replace it")
@@ -147,13 +160,16 @@ def export_(
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     if fmt == "torch-24":
         config["ecoflap_sparse"] = {"format": "torch-24", "layers": sorted(layers), "global_sparsity": zeros / total}
-    else:
+    elif not plain_config:
         config["quantization_config"] = _sparsity_config(fmt, pattern, zeros / total, ignore)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if plain_config:
+            meta = _sparsity_config(fmt, pattern, zeros / total, ignore)
+            (tmp / "sparsity_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -209,6 +209,23 @@ def test_prune_with_export_and_export_command(workdir, capsys):
         == 0
     )
     assert "verified against the model" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(workdir / "exp" / "model"),
+                "--format",
+                "hf-dense",
+                "--plain-config",
+                "--output",
+                str(workdir / "exp-plain"),
+            ]
+        )
+        == 0
+    )
+    assert (workdir / "exp-plain" / "sparsity_config.json").exists()
+    capsys.readouterr()
     # a dense model refuses to go into a 2:4 format, naming the layer, writing nothing
     assert (
         main(["export", "--model", str(workdir / "tiny"), "--format", "ct-24", "--output", str(workdir / "never-24")])

@@ -153,3 +153,19 @@ print("compressed-tensors", compressed_tensors.__version__, "read", len(expected
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "read 14 tensors exactly" in out.stdout
+
+
+def test_hf_dense_plain_config_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _pruned(pattern="unstructured")
+    export_(model, tmp_path / "plain", "hf-dense", plain_config=True)
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    meta = json.loads((tmp_path / "plain" / "sparsity_config.json").read_text())
+    assert meta["sparsity_config"]["format"] == "dense"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, back.state_dict()[name]), name
+    with pytest.raises(ValueError, match="hf-dense only"):
+        export_(model, tmp_path / "x", "ct-bitmask", plain_config=True)
