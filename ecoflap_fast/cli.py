@@ -283,6 +283,7 @@ def main(argv=None) -> int:
         else:
             print(json.dumps(_eval(a)))
     except (
+        NotADirectoryError,
         ValueError,
         TypeError,
         FileNotFoundError,

@@ -126,8 +126,9 @@ def export_(
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise FileExistsError(f"export destination {str(out)!r} exists; pass force=True (--force) to replace it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"parent folder of {str(out)!r} does not exist")
+    from .report import check_destination
+
+    check_destination(out, force)
     if fmt == "torch-24" and dtype is None and next(model.parameters()).dtype == torch.float32:
         dtype = torch.bfloat16  # the CUTLASS layout stores 16-bit values
     layers = blocks.prunable(model)
@@ -163,6 +164,7 @@ def export_(
     elif not plain_config:
         config["quantization_config"] = _sparsity_config(fmt, pattern, zeros / total, ignore)
 
+    out.parent.mkdir(parents=True, exist_ok=True)  # only after every check has passed
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})

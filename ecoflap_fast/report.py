@@ -13,8 +13,11 @@ from pathlib import Path
 def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"parent folder of {str(out)!r} does not exist")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{str(parent)!r} is a file, so {str(out)!r} cannot be created")
+            break
 
 
 def block_sparsity(layer_sparsity: dict[str, float], numels: dict[str, int] | None = None) -> dict[str, float]:
@@ -64,6 +67,7 @@ def plot_allocation(report: dict, path: Path) -> None:
 def write_output(out: Path, report: dict, *, force: bool, model=None, tokenizer=None, extra=None) -> Path:
     """Stage everything in a temporary folder beside ``out``, then rename it into place."""
     check_destination(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)  # only after every check has passed
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if extra is not None:  # e.g. exports, written into the staged folder (they may add to the report)

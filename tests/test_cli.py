@@ -233,3 +233,15 @@ def test_prune_with_export_and_export_command(workdir, capsys):
     )
     assert "model.layers.0.self_attn.q_proj is not 2:4 sparse" in capsys.readouterr().err
     assert not (workdir / "never-24").exists()
+
+
+def test_output_parents_created_only_after_validation(workdir, capsys):
+    assert main(_args(workdir, "tiny", "nested/deeper/run")) == 0
+    assert (workdir / "nested" / "deeper" / "run" / "report.json").exists()
+    capsys.readouterr()
+    # bad input: nothing written, not even the parent folders
+    assert main(_args(workdir, "tiny", "nested2/run", "--pattern", "2:4", "--calib-text", str(workdir / "nofile"))) == 2
+    assert not (workdir / "nested2").exists()
+    (workdir / "afile").write_text("x")
+    assert main(_args(workdir, "tiny", "afile/run")) == 2
+    assert "is a file" in capsys.readouterr().err
