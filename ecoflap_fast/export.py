@@ -15,9 +15,6 @@ place; an existing destination is refused unless ``force``; the model and its so
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import blocks, ops
+from ._fs import check_destination, staged_folder
 
 FORMATS = ("hf-dense", "ct-bitmask", "ct-24", "torch-24")
 WEIGHTS = "model.safetensors"
@@ -126,8 +124,6 @@ def export_(
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise FileExistsError(f"export destination {str(out)!r} exists; pass force=True (--force) to replace it")
-    from .report import check_destination
-
     check_destination(out, force)
     if fmt == "torch-24" and dtype is None and next(model.parameters()).dtype == torch.float32:
         dtype = torch.bfloat16  # the CUTLASS layout stores 16-bit values
@@ -164,9 +160,7 @@ def export_(
     elif not plain_config:
         config["quantization_config"] = _sparsity_config(fmt, pattern, zeros / total, ignore)
 
-    out.parent.mkdir(parents=True, exist_ok=True)  # only after every check has passed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out, force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if plain_config:
@@ -186,16 +180,6 @@ def export_(
                 raise RuntimeError(f"export verification failed for {name}: the written tensor differs")
         nbytes = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         weights_bytes = (tmp / WEIGHTS).stat().st_size
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {
         "path": str(out),
         "format": fmt,

@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-
-def check_destination(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"{str(parent)!r} is a file, so {str(out)!r} cannot be created")
-            break
+from ._fs import check_destination, staged_folder  # noqa: F401  (check_destination: CLI)
 
 
 def block_sparsity(layer_sparsity: dict[str, float], numels: dict[str, int] | None = None) -> dict[str, float]:
@@ -66,10 +55,7 @@ def plot_allocation(report: dict, path: Path) -> None:
 
 def write_output(out: Path, report: dict, *, force: bool, model=None, tokenizer=None, extra=None) -> Path:
     """Stage everything in a temporary folder beside ``out``, then rename it into place."""
-    check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)  # only after every check has passed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out, force) as tmp:
         if extra is not None:  # e.g. exports, written into the staged folder (they may add to the report)
             extra(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
@@ -78,14 +64,4 @@ def write_output(out: Path, report: dict, *, force: bool, model=None, tokenizer=
             model.save_pretrained(tmp / "model", safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "model")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
