@@ -166,20 +166,18 @@ def _block_key(tower: blocks_mod.Tower, index: int) -> str:
 
 
 @torch.no_grad()
-def sequential_pass(model: nn.Module, calibration, config: PruneConfig, on_block, desc: str) -> None:
+def sequential_pass(
+    model: nn.Module, calibration, config: PruneConfig, on_block, desc: str, stat=ops.ActNormAccumulator
+) -> None:
     """Walk every tower's blocks in forward order with the captured calibration inputs: accumulate
-    each Linear's activation statistics (weights as they are), call ``on_block(tower, index, block,
-    accumulators)`` (which may prune), then run the inputs through the block for the next one.
-    Each tower's inputs are captured after the towers before it were processed."""
+    each Linear's input statistic ``stat(in_features, device)`` (weights as they are), call
+    ``on_block(tower, index, block, accumulators)`` (which may prune), then run the inputs through the
+    block for the next one. Each tower's inputs are captured after the towers before it were processed."""
     for tower in blocks_mod.find_towers(model):
-        _sequential_tower(model, tower, calibration, config, on_block, f"{desc} ({tower.family})")
+        _sequential_tower(model, tower, calibration, config, on_block, f"{desc} ({tower.family})", stat)
 
 
-def _sequential_tower(model, tower, calibration, config, on_block, desc) -> None:
-    from .reference.sparsegpt import HessianAccumulator
-
-    # SparseGPT needs the inputs' Hessian; Wanda, magnitude and OWL the column norms.
-    stat = HessianAccumulator if config.pruner == "sparsegpt" and "prune" in desc else ops.ActNormAccumulator
+def _sequential_tower(model, tower, calibration, config, on_block, desc, stat) -> None:
     inputs = capture_block_inputs(model, tower.blocks[0], calibration, config.batch_size)
     for i, block in enumerate(tqdm(tower.blocks, desc=desc, disable=not config.progress)):
         layers = blocks_mod.linears(block)
@@ -308,7 +306,12 @@ def prune_(model: nn.Module, calibration, config: PruneConfig | None = None, sta
         for name, lin in blocks_mod.linears(block).items():
             _prune_linear(lin, accs[name], sparsities[f"{tower.path}.{i}.{name}"], config)
 
-    sequential_pass(model, calibration, config, prune_block, "stage 2: prune blocks")
+    # SparseGPT needs the inputs' Hessian; Wanda and magnitude the column norms.
+    if config.pruner == "sparsegpt":
+        from .reference.sparsegpt import HessianAccumulator as stat
+    else:
+        stat = ops.ActNormAccumulator
+    sequential_pass(model, calibration, config, prune_block, "stage 2: prune blocks", stat)
     t2 = time.perf_counter()
     achieved, per_layer = measure_sparsity(model)
     return {
