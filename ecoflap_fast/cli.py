@@ -11,6 +11,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ._fs import check_destination  # noqa: E402
+
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -112,7 +114,7 @@ def _prune(a) -> dict:
 
     t_start = time.perf_counter()
     out = a.output.expanduser().resolve()
-    report.check_destination(out, a.force)  # refuse before any work
+    check_destination(out, a.force)  # refuse before any work
     sparsity_map = None
     if a.sparsity_map is not None:
         if not a.sparsity_map.is_file():
@@ -220,8 +222,7 @@ def _export(a) -> dict:
     from .export import export_
 
     out = a.output.expanduser().resolve()
-    if out.exists() and not a.force:
-        raise FileExistsError(f"output folder {str(out)!r} exists; pass --force to replace it")
+    check_destination(out, a.force)  # refuse before loading the model
     model, tok = models.load_model(a.model)
     dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
     return export_(

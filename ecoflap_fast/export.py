@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from . import blocks, ops
 from ._fs import check_destination, staged_folder
+from .reference.ops import check_nm_sparse
 
 FORMATS = ("hf-dense", "ct-bitmask", "ct-24", "torch-24")
 WEIGHTS = "model.safetensors"
@@ -32,14 +33,10 @@ _CT_FORMAT = {"hf-dense": "dense", "ct-bitmask": "sparse-bitmask", "ct-24": "spa
 def _check_24(name: str, w: torch.Tensor) -> None:
     if w.shape[1] % 4:
         raise ValueError(f"layer {name} has {w.shape[1]} input features: a 2:4 format needs a multiple of 4")
-    per_group = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
-    bad = (per_group > 2).nonzero()
-    if len(bad):
-        r, g = (int(v) for v in bad[0])
-        raise ValueError(
-            f"layer {name} is not 2:4 sparse (row {r}, columns {4 * g}..{4 * g + 3} hold "
-            f"{int(per_group[r, g])} non-zeros); prune it with pattern 2:4 first"
-        )
+    try:
+        check_nm_sparse(w != 0, 2, 4, name=f"layer {name}")
+    except ValueError as e:
+        raise ValueError(f"{e}; prune it with pattern 2:4 first") from None
 
 
 def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

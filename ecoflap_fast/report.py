@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ._fs import check_destination, staged_folder  # noqa: F401  (check_destination: CLI)
+from ._fs import staged_folder
 
 
 def block_sparsity(layer_sparsity: dict[str, float], numels: dict[str, int] | None = None) -> dict[str, float]:

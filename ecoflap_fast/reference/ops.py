@@ -24,6 +24,7 @@ from torch.sparse._semi_structured_conversions import (
 __all__ = [
     "ActNormAccumulator",
     "BitmaskPacked",
+    "check_nm_sparse",
     "col_sq_norms",
     "num_pruned",
     "pack_24_cutlass",
@@ -122,7 +123,8 @@ def wanda_prune_(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> in
     return prune_by_scores_(weight, wanda_scores(weight, scaler_row), sparsity, nm=nm, per=per)
 
 
-def _check_nm_sparse(nonzero: torch.Tensor, n: int, m: int, name: str = "dense") -> None:
+def check_nm_sparse(nonzero: torch.Tensor, n: int, m: int, name: str = "dense") -> None:
+    """ValueError naming ``name`` and the first group of m columns with more than n non-zeros."""
     rows, cols = nonzero.shape
     per_group = nonzero.reshape(rows, cols // m, m).sum(-1)
     bad = (per_group > n).nonzero()
@@ -135,7 +137,7 @@ def _check_nm_sparse(nonzero: torch.Tensor, n: int, m: int, name: str = "dense")
 
 def pack_24_cutlass(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [m, k/2], meta) in the CUTLASS layout of PyTorch's semi-structured sparse tensors."""
-    _check_nm_sparse(dense != 0, 2, 4)
+    check_nm_sparse(dense != 0, 2, 4)
     return sparse_semi_structured_from_dense_cutlass(dense)
 
 
@@ -149,7 +151,7 @@ def _keep_mask(dense: torch.Tensor, nm) -> torch.Tensor:
         return keep
     n, m = nm
     rows, cols = dense.shape
-    _check_nm_sparse(keep, n, m)
+    check_nm_sparse(keep, n, m)
     g = keep.reshape(rows, cols // m, m)
     # Each group keeps its non-zeros and then its lowest-index zeros until exactly n are kept.
     room = n - g.sum(-1, keepdim=True)
