@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ecoflap_fast.reference.ops import sqrt_rn
+
 from . import MAX_ROW_WIDTH as MAX_ROW_BLOCK
 from ._keys import order_key, score_of
 
@@ -113,8 +115,8 @@ def _scores_kernel(
 def _sqrt_or_dummy(scaler_row, like):
     if scaler_row is None:
         return torch.ones(1, dtype=torch.float32, device=like.device), False
-    # torch.sqrt is correctly rounded on CPU and CUDA: the same fp32 factor the reference uses.
-    return torch.sqrt(scaler_row.float()).contiguous(), True
+    # correctly rounded, as the reference and the C++ path compute it
+    return sqrt_rn(scaler_row).contiguous(), True
 
 
 def _row_major(t: torch.Tensor, name: str) -> None:

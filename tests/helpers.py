@@ -23,9 +23,19 @@ def tie_heavy_weight(rows: int, cols: int, dtype, *, gen: torch.Generator | None
     return w.to(dtype)
 
 
+# 64 consecutive fp32 values: their square roots collide in runs, and torch's CPU sqrt rounds some of
+# them one ulp away from the correctly rounded root, so which columns tie depends on the rounding.
+SQRT_RUN = (torch.tensor(1.5249675512313843).view(torch.int32) + torch.arange(64, dtype=torch.int32)).view(
+    torch.float32
+)
+
+
 def tie_heavy_scaler(cols: int, *, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Activation statistics with repeats and dead (zero) channels."""
+    """Activation statistics with repeats, dead (zero) channels, and a run of adjacent floats whose
+    square roots tie or not depending on how the root is rounded."""
     s = torch.randint(0, 4, (cols,), generator=gen).float() * 0.5
+    pick = torch.randint(0, 2, (cols,), generator=gen).bool()
+    s[pick] = SQRT_RUN[torch.randint(0, 64, (int(pick.sum()),), generator=gen)]
     return s
 
 

@@ -82,9 +82,28 @@ class ActNormAccumulator:
         self.scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / self.nsamples
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root of finite x >= 0, on any device.
+
+    ``torch.sqrt`` of fp32 on the CPU is not correctly rounded (about 15% of inputs come out one ulp
+    away), and one ulp decides ties between columns, so every backend takes its factors from here
+    (the C++ path uses std::sqrt, which is correctly rounded). fp64 sqrt gives a float within one
+    ulp; comparing x with the squares of the midpoints to both neighbours (exact in fp64: 25-bit
+    midpoints, 50-bit squares) picks the float whose rounding interval holds sqrt(x).
+    """
+    x = x.float()
+    r = torch.sqrt(x.double()).float()
+    down = torch.nextafter(r, torch.zeros_like(r))
+    up = torch.nextafter(r, torch.full_like(r, float("inf")))
+    xd, rd = x.double(), r.double()
+    lo = (rd + down.double()) / 2
+    hi = (rd + up.double()) / 2
+    return torch.where(xd < lo * lo, down, torch.where(xd > hi * hi, up, r))
+
+
 def wanda_scores(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor:
     """fp32[out, in]: |W_ij| * sqrt(scaler_row_j) (fp32 |W|, correctly rounded sqrt, one multiply)."""
-    return weight.abs().float() * torch.sqrt(scaler_row.float()).reshape(1, -1)
+    return weight.abs().float() * sqrt_rn(scaler_row).reshape(1, -1)
 
 
 def select_mask(scores: torch.Tensor, sparsity: float | None = None, *, nm=None, per: str = "row") -> torch.Tensor:
