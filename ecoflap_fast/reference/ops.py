@@ -31,6 +31,7 @@ __all__ = [
     "pack_bitmask",
     "prune_by_scores_",
     "select_mask",
+    "sqrt_rn",
     "unpack_24_cutlass",
     "unpack_bitmask",
     "wanda_mask",
