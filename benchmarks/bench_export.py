@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.harness import RESULTS_DIR, Results  # noqa: E402
+from benchmarks import RESULTS_DIR  # noqa: E402
 from ecoflap_fast import data, evaluate, export_, load_sparse, models  # noqa: E402
+from ecoflap_fast.bench.harness import Results  # noqa: E402
 from ecoflap_fast.prune import PruneConfig, prune_  # noqa: E402
 
 CASES = [

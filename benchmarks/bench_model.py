@@ -19,9 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import RESULTS_DIR, Results  # noqa: E402
+from benchmarks import RESULTS_DIR  # noqa: E402
 from ecoflap_fast import ops  # noqa: E402
 from ecoflap_fast import reference as ref  # noqa: E402
+from ecoflap_fast.bench.harness import Results  # noqa: E402
 
 # q, k, v, o, gate, up, down of one LLaMA-2-7B decoder layer
 LLAMA7B_LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]

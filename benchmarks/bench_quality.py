@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.harness import RESULTS_DIR, Results, read_results  # noqa: E402
+from benchmarks import RESULTS_DIR  # noqa: E402
 from benchmarks.report import quality_plot  # noqa: E402
 from ecoflap_fast import data, evaluate, models  # noqa: E402
+from ecoflap_fast.bench.harness import Results, read_results  # noqa: E402
 from ecoflap_fast.prune import PruneConfig, prune_  # noqa: E402
 
 METHODS = ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]

@@ -21,8 +21,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import RESULTS_DIR, Results  # noqa: E402
+from benchmarks import RESULTS_DIR  # noqa: E402
 from ecoflap_fast import blocks, data, models, stage1  # noqa: E402
+from ecoflap_fast.bench.harness import Results  # noqa: E402
 from ecoflap_fast.reference import stage1 as ref_stage1  # noqa: E402
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import RESULTS_DIR, read_results  # noqa: E402
+from benchmarks import RESULTS_DIR  # noqa: E402
+from ecoflap_fast.bench.harness import read_results  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -228,6 +229,53 @@ def export_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pipeline_table(rows: list[dict]) -> str:
+    rows = _latest_run(rows)
+    get = {(r["op"], r["provider"], r["metric"]): float(r["median"]) for r in rows}
+    env = rows[0]
+    lines = [
+        f"{env['device']}, {env['date']} (commit {env['commit']}); {env['shape']}",
+        "",
+        "| pipeline | run by | total (s) | activation statistic (s) | mask selection (s) "
+        "| calibration forwards + rest (s) | llm-compressor time / this |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    ops_ = list(dict.fromkeys(r["op"] for r in rows if r["op"].startswith("wanda")))
+    for op in ops_:
+        base = get.get((op, "llmcompressor", "time"))
+        for prov in ("ecoflap_fast", "llmcompressor", "llmcompressor+ecoflap_fast"):
+            t = get.get((op, prov, "time"))
+            if t is None:
+                continue
+            ratio = f"**{base / t:.2f}×**" if base and prov != "llmcompressor" else ("1" if base else "-")
+            lines.append(
+                f"| {op} | {prov} | {t:.1f} | {get[(op, prov, 'statistics_s')]:.2f} | "
+                f"{get[(op, prov, 'selection_s')]:.2f} | {get[(op, prov, 'rest_s')]:.1f} | {ratio} |"
+            )
+    checks = []
+    for op in ops_:
+        same = get.get((op, "backend_vs_llmcompressor", "differing_weights"))
+        ours = get.get((op, "ecoflap_fast_vs_llmcompressor", "differing_weights"))
+        block0 = get.get((op, "ecoflap_fast_vs_llmcompressor_block0", "differing_weights"))
+        if same is not None:
+            checks.append(
+                f"- {op}: llm-compressor with this engine as its backend vs without: **{int(same)}** differing "
+                f"weights; this engine vs llm-compressor: {int(ours)} differing ({int(block0)} in block 0)"
+            )
+    fast = get.get(("ecoflap-zo", "ecoflap_fast", "time"))
+    if fast is not None:
+        ref_t = get[("ecoflap-zo", "reference", "time")]
+        s1, s2 = get[("ecoflap-zo", "ecoflap_fast", "stage1_s")], get[("ecoflap-zo", "ecoflap_fast", "stage2_s")]
+        checks.append(
+            f"- ECoFLaP-zo end to end: fast {fast:.1f} s (stage 1 {s1:.1f} s, "
+            f"stage 2 {s2:.1f} s) vs reference {ref_t:.1f} s "
+            f"(stage 1 {get[('ecoflap-zo', 'reference', 'stage1_s')]:.1f} s, scaled from "
+            f"{get[('ecoflap-zo', 'reference', 'stage1_measured_s')]:.1f} s measured on one block; stage 2 "
+            f"{get[('ecoflap-zo', 'reference', 'stage2_s')]:.1f} s): **{ref_t / fast:.1f}×**"
+        )
+    return "\n".join(lines + [""] + checks)
+
+
 def main() -> int:
     sections = []
     for csv_path in sorted(RESULTS_DIR.glob("ops_*.csv")):
@@ -259,6 +307,7 @@ def main() -> int:
         ("stage1_cpu.csv", "readme-stage1", stage1_table),
         ("export_cpu.csv", "readme-export", export_table),
         ("quality_seeds_cpu.csv", "readme-seeds", seeds_table),
+        ("pipeline_cpu.csv", "readme-pipeline", pipeline_table),
     ]:
         path = RESULTS_DIR / name
         if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():

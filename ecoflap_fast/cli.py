@@ -1,4 +1,4 @@
-"""Command line: ``ecoflap-fast prune`` and ``ecoflap-fast eval`` (also ``python -m ecoflap_fast``)."""
+"""Command line: ``ecoflap-fast prune | export | eval | bench`` (also ``python -m ecoflap_fast``)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e = sub.add_parser("eval", help="held-out perplexity of a model")
     _common(e)
+    b = sub.add_parser(
+        "bench",
+        help="op benchmarks and end-to-end pipelines (ours vs llm-compressor's Wanda; ECoFLaP fast vs reference)",
+    )
+    b.add_argument(
+        "--model",
+        default="default",
+        help="Hugging Face folder, 'default' (SmolLM2-135M) or 'random-llama-1b' (LLaMA-3.2-1B shapes, random weights)",
+    )
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the CSVs and the plot")
+    b.add_argument("--sparsity", type=_sparsity, default=0.5)
+    b.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], choices=["unstructured", "2:4"])
+    b.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    b.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--repeat", type=int, default=3, help="runs of each Wanda pipeline, interleaved; the median is kept")
+    b.add_argument(
+        "--reference-blocks",
+        type=int,
+        nargs="+",
+        default=[29],
+        help="blocks whose stage-1 scores the (slow) reference computes; its time is scaled to all tensors",
+    )
+    b.add_argument("--ops-shapes", default="llama7b", help="shape set of the op benchmarks (llama7b, all, small, ...)")
+    b.add_argument("--ops-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    b.add_argument("--no-ops", action="store_true", help="skip the op benchmarks")
+    b.add_argument("--no-pipelines", action="store_true", help="skip the end-to-end pipelines")
+    b.add_argument("--no-llmcompressor", action="store_true", help="pipelines without llm-compressor")
+    b.add_argument("--no-ecoflap", action="store_true", help="skip the ECoFLaP fast-vs-reference pipeline")
+    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -248,6 +279,62 @@ def _eval(a) -> dict:
     return {"model": a.model, "ppl": evaluate.perplexity(model, windows, progress=not a.no_progress)}
 
 
+def _bench(a) -> int:
+    import torch
+
+    from .bench import ops as ops_bench
+    from .bench import pipeline
+    from .bench.shapes import SHAPE_SETS
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = device.split(":")[0]
+    if a.ops_shapes not in SHAPE_SETS:
+        raise ValueError(f"--ops-shapes must be one of {sorted(SHAPE_SETS)}, got {a.ops_shapes!r}")
+    for name in ("nsamples", "seqlen", "batch_size", "repeat"):
+        if getattr(a, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if not a.no_pipelines and not a.no_llmcompressor and pipeline.llmcompressor_available() is not None:
+        raise ImportError(
+            f"llm-compressor cannot be imported ({pipeline.llmcompressor_available()}); run `make bench-pipeline` "
+            "(its own environment) or pass --no-llmcompressor"
+        )
+    out = a.out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} exists and is not a folder")
+    if not a.no_ops:
+        res = ops_bench.run(
+            device, SHAPE_SETS[a.ops_shapes], getattr(torch, a.ops_dtype), ops_bench.OPS, repeat=3, sparsity=a.sparsity
+        )
+        print(f"wrote {len(res.rows)} rows to {res.write(out / f'ops_{kind}.csv')}")
+    if not a.no_pipelines:
+        res, summary = pipeline.run(
+            model=a.model,
+            device=device,
+            patterns=a.patterns,
+            sparsity=a.sparsity,
+            nsamples=a.nsamples,
+            seqlen=a.seqlen,
+            batch_size=a.batch_size,
+            reference_blocks=a.reference_blocks,
+            with_llmcompressor=not a.no_llmcompressor,
+            with_ecoflap=not a.no_ecoflap,
+            repeat=a.repeat,
+        )
+        csv_path = res.write(out / f"pipeline_{kind}.csv")
+        title = f"{a.model}, {a.nsamples}x{a.seqlen} calibration tokens, sparsity {a.sparsity} ({res.env['device']})"
+        png = pipeline.plot(summary, out / f"pipeline_{kind}.png", title)
+        print(f"wrote {len(res.rows)} rows to {csv_path} and the plot {png}")
+        mismatched = [r for r in res.rows if r["provider"] == "backend_vs_llmcompressor" and float(r["median"]) != 0]
+        if mismatched:
+            print(
+                "ecoflap-fast: llm-compressor with this engine as backend changed "
+                f"{mismatched[0]['median']} weights ({mismatched[0]['op']})",
+                file=sys.stderr,
+            )
+            return 1
+    return 0
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if getattr(a, "no_progress", False):
@@ -275,6 +362,8 @@ def main(argv=None) -> int:
                 f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
                 f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png"
             )
+        elif a.command == "bench":
+            return _bench(a)
         elif a.command == "export":
             info = _export(a)
             print(

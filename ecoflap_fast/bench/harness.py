@@ -1,8 +1,9 @@
 """One harness for every benchmark: timing, environment facts, and the long results format.
 
 Each result row: bench, op, provider, shape, dtype, metric, unit, median, p20, p80, device, torch,
-triton, cuda, commit, date. Rows are appended to a CSV under benchmarks/results/; tables and plots
-are generated from those files (benchmarks/report.py), never typed by hand.
+triton, cuda, commit, date. Rows are appended to a CSV (the repository keeps its runs under
+benchmarks/results/); tables and plots are generated from those files (benchmarks/report.py),
+never typed by hand.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FIELDS = [
     "bench",
     "op",
@@ -80,7 +80,7 @@ def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 1 << 30) -> float:
 
 def _git_commit() -> str:
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parent.parent.parent
         return subprocess.check_output(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
         ).strip()

@@ -1,25 +1,23 @@
 """Op throughput against the usual torch implementations, on real LLaMA layer shapes.
 
     python benchmarks/bench_ops.py --device cpu --shapes llama7b --dtype bfloat16
+    ecoflap-fast bench --ops-shapes llama7b          # the same, plus the end-to-end pipelines
 
-Appends rows to benchmarks/results/ops_<device>.csv (long format, see harness.py) and prints a table.
+Appends rows to <out>/ops_<device>.csv (long format, see harness.py) and prints a table.
 Every ours/baseline pair is timed in the same run on the same inputs; ratios are baseline/ours.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import baselines  # noqa: E402
-from benchmarks.harness import RESULTS_DIR, Results, copy_bandwidth_gbs, measure  # noqa: E402
-from benchmarks.shapes import ACT_CHUNK_TOKENS, SHAPE_SETS  # noqa: E402
-from ecoflap_fast import ops  # noqa: E402
+from .. import ops
+from . import baselines
+from .harness import Results, copy_bandwidth_gbs, measure
+from .shapes import ACT_CHUNK_TOKENS, SHAPE_SETS
 
 OPS = ["prune_row", "prune_24", "pack_24_cutlass", "pack_bitmask", "col_sq_norms"]
 
@@ -134,7 +132,7 @@ def run(device: str, shapes: dict, dtype, op_names, repeat: int, sparsity: float
     return res
 
 
-def main(argv=None) -> int:
+def main(argv=None, results_dir: Path = Path("benchmarks/results")) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="llama7b", choices=sorted(SHAPE_SETS))
@@ -146,10 +144,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     res = run(a.device, SHAPE_SETS[a.shapes], dtype, a.ops.split(","), a.repeat, a.sparsity)
-    out = a.out or RESULTS_DIR / f"ops_{a.device.split(':')[0]}.csv"
+    out = a.out or results_dir / f"ops_{a.device.split(':')[0]}.csv"
     print(f"wrote {len(res.rows)} rows to {res.write(out)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark harness, layer shapes, baselines, and the op and end-to-end benchmarks (`ecoflap-fast bench`)."""
