@@ -299,6 +299,13 @@ def main() -> int:
     if top.exists() and cpu.exists() and "<!-- readme-ops:begin -->" in top.read_text():
         _replace_between(top, "<!-- readme-ops:begin -->", "<!-- readme-ops:end -->", summary_table(read_results(cpu)))
         print(f"updated {top}")
+    pipelines = RESULTS_DIR / "pipeline_cpu.csv"
+    if pipelines.exists():
+        from ecoflap_fast.bench import pipeline
+
+        rows = _latest_run(read_results(pipelines))
+        title = f"{rows[0]['shape']} ({rows[0]['device']}, commit {rows[0]['commit']})"
+        pipeline.plot(pipeline.summary_from_rows(rows), pipelines.with_suffix(".png"), title)
     quality = RESULTS_DIR / "quality_cpu.csv"
     if quality.exists():
         quality_plot(read_results(quality), quality.with_suffix(".png"))

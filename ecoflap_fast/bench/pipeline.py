@@ -314,7 +314,7 @@ def run(
         calib, _ = data.split(data.wiki_articles())
         tokens = data.tokenize(tok, calib)
         windows = data.calibration_windows(tokens, nsamples, seqlen, seed)
-        shape = f"{model}, {nsamples}x{seqlen} tokens, batch {batch_size}"
+        shape = f"{model}, {nsamples}x{seqlen} tokens, batch {batch_size}, sparsity {sparsity}"
         log(f"pipelines on {shape} ({device}); sparsity {sparsity}")
 
         def record(op, provider, runs):
@@ -416,14 +416,32 @@ def run(
     return res, summary
 
 
+def summary_from_rows(rows: list[dict]) -> list[dict]:
+    """The plot's input, rebuilt from one run's results rows (benchmarks/report.py redraws with it)."""
+    get = {(r["op"], r["provider"], r["metric"]): float(r["median"]) for r in rows}
+    out = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for provider in dict.fromkeys(r["provider"] for r in rows if r["op"] == op):
+            total = get.get((op, provider, "time"))
+            if total is None:
+                continue
+            entry = {"op": op, "provider": provider, "total": total}
+            for metric, key in [("statistics_s", "statistics"), ("selection_s", "selection"), ("rest_s", "rest"),
+                                ("stage1_s", "stage 1"), ("stage2_s", "stage 2")]:  # fmt: skip
+                if (op, provider, metric) in get:
+                    entry[key] = get[(op, provider, metric)]
+            out.append(entry)
+    return out
+
+
 def plot(summary: list[dict], path: Path, title: str) -> Path:
-    """Horizontal stacked bars: seconds per pipeline, split into its parts."""
+    """Horizontal stacked bars of seconds per pipeline, split into parts: the Wanda pipelines in one
+    panel, ECoFLaP fast vs reference in another (its reference is far longer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{s['op']}: {s['provider']}" for s in summary]
     keys = ["statistics", "selection", "rest", "stage 1", "stage 2"]
     names = {
         "statistics": "activation statistic",
@@ -435,24 +453,43 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
     colors = {
         "statistics": "#4c72b0",
         "selection": "#dd8452",
-        "rest": "#8c8c8c",
+        "rest": "#b0b0b0",
         "stage 1": "#55a868",
         "stage 2": "#c44e52",
     }
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(labels) + 1.6))
-    y = list(range(len(labels)))[::-1]
-    for key in keys:
-        left = [sum(s.get(k, 0.0) for k in keys[: keys.index(key)]) for s in summary]
-        width = [s.get(key, 0.0) for s in summary]
-        if any(width):
-            ax.barh(y, width, left=left, color=colors[key], label=names[key])
-    for yi, s in zip(y, summary):
-        ax.text(s["total"], yi, f" {s['total']:.1f} s", va="center", fontsize=8)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("seconds (wall time)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    panels = [[s for s in summary if s["op"] != "ecoflap-zo"], [s for s in summary if s["op"] == "ecoflap-zo"]]
+    panels = [rows for rows in panels if rows]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(10, 0.45 * len(summary) + 2.2),
+        gridspec_kw={"height_ratios": [len(rows) + 1 for rows in panels]},
+        squeeze=False,
+    )
+    drawn = {}
+    for ax, rows in zip(axes[:, 0], panels):
+        y = list(range(len(rows)))[::-1]
+        for key in keys:
+            left = [sum(r.get(k, 0.0) for k in keys[: keys.index(key)]) for r in rows]
+            width = [r.get(key, 0.0) for r in rows]
+            if any(width):
+                drawn[key] = ax.barh(y, width, left=left, color=colors[key])
+        longest = max(r["total"] for r in rows)
+        for yi, r in zip(y, rows):
+            ax.text(r["total"] + 0.01 * longest, yi, f"{r['total']:.1f} s", va="center", fontsize=8)
+        ax.set_xlim(0, longest * 1.12)
+        ax.set_yticks(y, [f"{r['op']}: {r['provider']}" for r in rows], fontsize=8)
+        ax.set_xlabel("seconds (wall time)", fontsize=8)
+    axes[0, 0].set_title(title, fontsize=9)
+    fig.legend(
+        [drawn[k] for k in keys if k in drawn],
+        [names[k] for k in keys if k in drawn],
+        loc="lower center",
+        ncol=len(drawn),
+        fontsize=7,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
