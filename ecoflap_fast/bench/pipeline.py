@@ -315,7 +315,7 @@ def run(
         tokens = data.tokenize(tok, calib)
         windows = data.calibration_windows(tokens, nsamples, seqlen, seed)
         shape = f"{model}, {nsamples}x{seqlen} tokens, batch {batch_size}, sparsity {sparsity}"
-        log(f"pipelines on {shape} ({device}); sparsity {sparsity}")
+        log(f"pipelines on {shape} ({device})")
 
         def record(op, provider, runs):
             """``runs``: [(total, parts)]; the run with the median total is reported, p20/p80 over all."""
