@@ -222,7 +222,7 @@ def ecoflap(
         ),
         sync,
     )
-    rel_err = max(abs(fd_scores[n] - ref_scores[n]) / ref_scores[n] for n in only)
+    rel_err = max(_relative_error(fd_scores[n], ref_scores[n]) for n in only)
     t_ref_stage1 = t_ref_part * len(layers) / len(only)
 
     ref_config = PruneConfig(**{**config.__dict__, "sparsity_map": report["sparsity_map"]})
@@ -246,6 +246,12 @@ def ecoflap(
         "fd_max_rel_err": rel_err,
         "reference_stage2_mismatch": compare(fast_state, _prunable_state(model))[0],
     }
+
+
+def _relative_error(value: float, reference: float) -> float:
+    if value == reference:
+        return 0.0
+    return abs(value - reference) / abs(reference) if reference else float("inf")
 
 
 def random_llama_1b(folder: Path, tokenizer) -> Path:
@@ -296,21 +302,23 @@ def run(
     summary: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ecoflap-bench-") as tmp:
         if model == "random-llama-1b":
-            _, tok = models.load_model("default")
-            model_dir = random_llama_1b(Path(tmp) / "llama-1b", tok)
+            _, default_tok = models.load_model("default")
+            model_dir = random_llama_1b(Path(tmp) / "llama-1b", default_tok)
         else:
             model_dir = models.resolve(model)
-            _, tok = models.load_model(str(model_dir))
+        dense, tok = models.load_model(str(model_dir))
+        if tok is None or isinstance(tok, tuple):
+            raise ValueError(f"{model} has no tokenizer files (or is not a causal LM): no calibration windows")
         if with_ecoflap:
             from ..blocks import block_of, prunable
 
-            dense, _ = models.load_model(str(model_dir))
             present = {int(block_of(n).rsplit(".", 1)[1]) for n in prunable(dense)}
             missing = sorted(set(reference_blocks) - present)
             if missing:
                 raise ValueError(
                     f"reference blocks {missing} hold no prunable layer (the model has blocks 0..{max(present)})"
                 )
+        del dense
         calib, _ = data.split(data.wiki_articles())
         tokens = data.tokenize(tok, calib)
         windows = data.calibration_windows(tokens, nsamples, seqlen, seed)
