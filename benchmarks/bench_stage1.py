@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import RESULTS_DIR  # noqa: E402
-from ecoflap_fast import blocks, data, models, stage1  # noqa: E402
+from ecoflap_fast import data, models, stage1, walk  # noqa: E402
 from ecoflap_fast.bench.harness import Results  # noqa: E402
 from ecoflap_fast.reference import stage1 as ref_stage1  # noqa: E402
 
@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     calib, _ = data.split(data.wiki_articles())
     windows = data.calibration_windows(data.tokenize(tok, calib), a.batches * a.batch_size, a.seqlen, a.seed + 1)
     batches = list(windows.split(a.batch_size))
-    layers = blocks.prunable(model)
-    only = {n for n in layers if int(blocks.block_of(n).rsplit(".", 1)[1]) in set(a.blocks)}
+    mats = walk.plan(model, {"input_ids": batches[0]}).matrices()
+    layers = {n: m.weight() for n, m in mats.items()}
+    only = {n for n, m in mats.items() if m.block.index in set(a.blocks)}
     res = Results("stage1", "cpu")
     shape = f"{len(only)} tensors in blocks {a.blocks}, {a.batches}x{a.batch_size}x{a.seqlen} tokens"
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     print(f"reference (full forward per perturbation): {t_ref:.1f}s", flush=True)
 
     t = time.perf_counter()
-    fd = stage1.zo_fd_scores(model, batches, seed=a.seed, only_blocks=set(a.blocks), progress=False)
+    fd = stage1.zo_fd_scores(model, batches, seed=a.seed, only=only, progress=False)
     t_fd = time.perf_counter() - t
     fd = {n: fd[n] for n in only}
     t = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops, reference  # noqa: E402,F401
+from . import ops  # noqa: E402,F401
 from .export import export_, load_sparse  # noqa: E402,F401
 from .prune import PruneConfig, prune_  # noqa: E402,F401
 

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e = sub.add_parser("eval", help="held-out perplexity of a model")
     _common(e)
+    i = sub.add_parser("inspect", help="print the pruning plan of a model (stacks, blocks, matrices, what stays dense)")
+    i.add_argument("--model", default="default", help="Hugging Face folder, .gguf file, or 'default' (SmolLM2-135M)")
+    i.add_argument("--json", action="store_true", help="print the plan as JSON")
     b = sub.add_parser(
         "bench",
         help="op benchmarks and end-to-end pipelines (ours vs llm-compressor's Wanda; ECoFLaP fast vs reference)",
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _prune(a) -> dict:
     import torch
 
-    from . import data, evaluate, models, report
+    from . import data, models, objectives, report
     from .prune import PruneConfig, prune_
 
     t_start = time.perf_counter()
@@ -176,7 +179,8 @@ def _prune(a) -> dict:
     calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
-    is_clip = model.config.model_type == "clip"
+    objective = objectives.for_model(model)
+    is_clip = objective.kind == "contrastive"
     if tok is None:
         what = "an image processor and tokenizer" if is_clip else "tokenizer files"
         raise ValueError(f"{a.model} has no {what}; calibration data cannot be prepared")
@@ -184,43 +188,35 @@ def _prune(a) -> dict:
         calib_pairs, held_pairs = data.image_text_pairs()
         calibration = data.clip_batches(calib_pairs, *tok, batch_size=a.batch_size)
         stage1_calibration = calibration
-        measure = lambda desc: evaluate.contrastive_loss(model, held_batches, progress=config.progress)  # noqa: E731
-        if a.eval:
-            held_batches = data.clip_batches(held_pairs, *tok, batch_size=a.batch_size)
     else:
         calib_tokens = data.tokenize(tok, calib_texts)
         calibration = data.calibration_windows(calib_tokens, a.nsamples, a.seqlen, a.seed)
         stage1_calibration = data.calibration_windows(calib_tokens, a.stage1_nsamples, a.stage1_seqlen, a.seed + 1)
-        measure = lambda desc: evaluate.perplexity(model, windows, progress=config.progress, desc=desc)  # noqa: E731
-        if a.eval:
-            windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
+    measure, metric = _quality(a, model, tok, objective, eval_texts, held_pairs if is_clip else None, config.progress)
     eval_s = 0.0
-    ppl_dense = ppl_pruned = None
+    q_dense = q_pruned = None
     if a.eval:
         t = time.perf_counter()
-        ppl_dense = measure("perplexity (dense)")
+        q_dense = measure("dense")
         eval_s += time.perf_counter() - t
     rep = prune_(model, calibration, config, stage1_calibration=stage1_calibration)
     if a.eval:
         t = time.perf_counter()
-        ppl_pruned = measure("perplexity (pruned)")
+        q_pruned = measure("pruned")
         eval_s += time.perf_counter() - t
-    from .blocks import prunable
-
-    metric = "contrastive_loss" if is_clip else "ppl"
     rep = {
         "model": a.model,
         **rep,
         "eval_metric": metric if a.eval else None,
-        "ppl_dense": None if is_clip else ppl_dense,
-        "ppl_pruned": None if is_clip else ppl_pruned,
-        "loss_dense": ppl_dense if is_clip else None,
-        "loss_pruned": ppl_pruned if is_clip else None,
+        "ppl_dense": q_dense if metric == "ppl" else None,
+        "ppl_pruned": q_pruned if metric == "ppl" else None,
+        "loss_dense": q_dense if metric == "contrastive_loss" else None,
+        "loss_pruned": q_pruned if metric == "contrastive_loss" else None,
+        "cosine_pruned": q_pruned if metric == "embedding_cosine" else None,
         "device": device,
         "dtype": DTYPES[a.dtype],
         "eval_windows": a.eval_windows if a.eval else None,
         "eval_seqlen": a.eval_seqlen if a.eval else None,
-        "layer_numel": {n: lin.weight.numel() for n, lin in prunable(model).items()},
     }
     rep["timings"].update(eval_s=eval_s, total_s=time.perf_counter() - t_start)
     export_dtype = getattr(torch, DTYPES[a.export_dtype]) if a.export_dtype else None
@@ -244,6 +240,26 @@ def _prune(a) -> dict:
         extra=exports if a.export else None,
     )
     return rep
+
+
+def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool):
+    """(measure(label) -> float, metric name) of held-out quality for this kind of model; the data
+    are prepared only when --eval asks for them."""
+    from . import data, evaluate
+
+    if not a.eval:
+        return None, None
+    if objective.kind == "contrastive":
+        held = data.clip_batches(held_pairs, *tok, batch_size=a.batch_size)
+        return (lambda label: evaluate.contrastive_loss(model, held, progress=progress)), "contrastive_loss"
+    windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
+    if objective.kind in ("causal-lm", "seq2seq"):
+        return (
+            lambda label: evaluate.perplexity(model, windows, progress=progress, desc=f"perplexity ({label})")
+        ), "ppl"
+    batches = [{"input_ids": w} for w in windows.split(4)]
+    dense = evaluate.sentence_embeddings(model, batches)  # before pruning
+    return (lambda label: evaluate.embedding_cosine(model, batches, dense)), "embedding_cosine"
 
 
 def _export(a) -> dict:
@@ -277,6 +293,58 @@ def _eval(a) -> dict:
     _, eval_texts = data.corpus(None, a.eval_text)
     windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
     return {"model": a.model, "ppl": evaluate.perplexity(model, windows, progress=not a.no_progress)}
+
+
+def _inspect(a) -> str:
+    import torch
+
+    from . import models, objectives, walk
+
+    model, tok = models.load_model(a.model)
+    objective = objectives.for_model(model)
+    if objective.kind == "contrastive":
+        from . import data
+
+        if tok is None:
+            raise ValueError(f"{a.model} has no image processor and tokenizer to build a dry-run batch")
+        calib, _ = data.image_text_pairs()
+        batch = data.clip_batches(calib[:2], *tok, batch_size=2)[0]
+    else:
+        batch = objective.from_ids(torch.randint(0, min(1000, model.get_input_embeddings().num_embeddings), (1, 16)))
+    plan = walk.plan(model, batch)
+    summary = plan.summary()
+    summary["objective"] = objective.description
+    if a.json:
+        return json.dumps(summary, indent=2)
+    return format_plan(plan, objective.description)
+
+
+def format_plan(plan, objective: str) -> str:
+    """The plan as a few readable lines."""
+    s = plan.summary()
+    lines = [
+        f"{s['model_class']}: {len(s['stacks'])} stack(s), {s['prunable_matrices']} prunable matrices, "
+        f"{s['prunable_numel'] / 1e6:.2f}M weights ({s['coverage_of_block_matrices']:.1%} of the block matrices)",
+        f"stage-1 loss: {objective}",
+    ]
+    for st, stack in zip(s["stacks"], plan.stacks):
+        kinds = {}
+        for m in stack.blocks[0].matrices:
+            kinds[m.kind] = kinds.get(m.kind, 0) + 1
+        first = ", ".join(
+            f"{m.name[len(stack.blocks[0].path) + 1 :]} {list(m.shape)}" for m in stack.blocks[0].matrices[:12]
+        )
+        more = len(stack.blocks[0].matrices) - 12
+        lines.append(
+            f"  {st['name']:9s} {st['path']}: {st['blocks']} blocks, capture by {st['capture']}, "
+            f"{st['prunable_numel'] / 1e6:.2f}M prunable; block 0: {first}" + (f" ... (+{more})" if more > 0 else "")
+        )
+    for reason, d in s["dense"].items():
+        names = ", ".join(d["names"][:4]) + (f" ... (+{len(d['names']) - 4})" if len(d["names"]) > 4 else "")
+        lines.append(f"  dense ({reason}): {d['numel'] / 1e6:.3f}M in {len(d['names'])} tensors: {names}")
+    for n in s["notes"]:
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
 
 
 def _bench(a) -> int:
@@ -351,6 +419,8 @@ def main(argv=None) -> int:
             )
             if rep["ppl_pruned"] is not None:
                 line += f"; held-out perplexity {rep['ppl_dense']:.2f} dense -> {rep['ppl_pruned']:.2f} pruned"
+            if rep.get("cosine_pruned") is not None:
+                line += f"; held-out embedding cosine to the dense model {rep['cosine_pruned']:.4f}"
             if rep.get("loss_pruned") is not None:
                 line += f"; held-out contrastive loss {rep['loss_dense']:.4f} dense -> {rep['loss_pruned']:.4f} pruned"
             print(line)
@@ -364,6 +434,8 @@ def main(argv=None) -> int:
             )
         elif a.command == "bench":
             return _bench(a)
+        elif a.command == "inspect":
+            print(_inspect(a))
         elif a.command == "export":
             info = _export(a)
             print(

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import blocks, ops
+from . import ops, walk
 from ._fs import check_destination, staged_folder
-from .reference.ops import check_nm_sparse
+from ._torch_ops import check_nm_sparse
 
 FORMATS = ("hf-dense", "ct-bitmask", "ct-24", "torch-24")
 WEIGHTS = "model.safetensors"
@@ -124,7 +124,9 @@ def export_(
     check_destination(out, force)
     if fmt == "torch-24" and dtype is None and next(model.parameters()).dtype == torch.float32:
         dtype = torch.bfloat16  # the CUTLASS layout stores 16-bit values
-    layers = blocks.prunable(model)
+    # compressed formats store Linear weights (compressed-tensors targets Linear); Conv1D and fused
+    # expert weights are written as they are, zeros included
+    layers = [n for n, m in walk.structure(model).matrices().items() if m.kind == "linear"]
     state = _state_dict(model, dtype)
     layer_keys = {f"{n}.weight" for n in layers}
     # validate every layer before writing anything

@@ -126,6 +126,11 @@ def load_model(model: str = "default", *, dtype: torch.dtype = torch.float32, de
 
                 m = CLIPModel.from_pretrained(path, **_dtype_kw(dtype))
                 tok = _optional_processor(path)
+            elif getattr(config, "is_encoder_decoder", False):
+                from transformers import AutoModelForSeq2SeqLM
+
+                m = AutoModelForSeq2SeqLM.from_pretrained(path, **_dtype_kw(dtype))
+                tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
             else:
                 try:
                     m = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype))

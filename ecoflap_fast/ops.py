@@ -2,7 +2,7 @@
 
 Backends, by device of the inputs:
   CUDA: Triton kernels (``ecoflap_fast.kernels``) and the CUDA part of ``ecoflap_fast._C``
-  CPU:  the C++ part of ``ecoflap_fast._C`` (multithreaded), else the pure-torch reference twins
+  CPU:  the C++ part of ``ecoflap_fast._C`` (multithreaded), else the pure-torch backend (``_torch_ops``)
 Discrete outputs (masks, packed bytes) are identical on every backend. Bad input raises a
 ``ValueError``/``TypeError`` naming the argument and leaves every input unmodified.
 
@@ -19,8 +19,8 @@ import os
 import torch
 
 from . import _ext, _library, kernels
-from . import reference as ref
-from .reference import BitmaskPacked
+from . import _torch_ops as torch_backend
+from ._torch_ops import BitmaskPacked
 
 __all__ = [
     "ActNormAccumulator",
@@ -124,7 +124,7 @@ def _select_args(width: int, numel: int, sparsity, nm, per) -> tuple[int, int, i
     if nm is not None:
         return 0, nm[0], nm[1], False
     per_matrix = per == "matrix"
-    return ref.num_pruned(numel if per_matrix else width, sparsity), 0, 0, per_matrix
+    return torch_backend.num_pruned(numel if per_matrix else width, sparsity), 0, 0, per_matrix
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -174,7 +174,7 @@ def col_sq_norms(x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if _use_triton(x):
         return _library.triton_col_sq_norms(x)
-    return ref.col_sq_norms(x)
+    return torch_backend.col_sq_norms(x)
 
 
 class ActNormAccumulator:
@@ -218,7 +218,7 @@ def wanda_scores(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor
     _finite("weight", weight)
     if _use_triton(weight) and weight.stride(1) == 1:
         return _library.triton_scores(weight, scaler_row)
-    return ref.wanda_scores(weight, scaler_row)
+    return torch_backend.wanda_scores(weight, scaler_row)
 
 
 def wanda_mask(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> torch.Tensor:
@@ -232,7 +232,7 @@ def wanda_mask(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> torc
     if weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf itself, in the same parallel pass
         return _ext.ops().select_mask(weight, scaler_row, True, k, n, m, per_matrix)
     _finite("weight", weight)
-    return ref.wanda_mask(weight, scaler_row, sparsity, nm=nm, per=per)
+    return torch_backend.wanda_mask(weight, scaler_row, sparsity, nm=nm, per=per)
 
 
 def wanda_prune_(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> int:
@@ -246,7 +246,7 @@ def wanda_prune_(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> in
     if weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf before writing anything
         return _in_place(weight, lambda w: _ext.ops().select_prune_(w, scaler_row, k, n, m, per_matrix))
     _finite("weight", weight)
-    return ref.wanda_prune_(weight, scaler_row, sparsity, nm=nm, per=per)
+    return torch_backend.wanda_prune_(weight, scaler_row, sparsity, nm=nm, per=per)
 
 
 def select_mask(scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> torch.Tensor:
@@ -259,7 +259,7 @@ def select_mask(scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> t
     if scores.device.type == "cpu" and _ext.is_available():
         return _ext.ops().select_mask(scores, None, False, k, n, m, per_matrix)
     _finite("scores", scores)
-    return ref.select_mask(scores, sparsity, nm=nm, per=per)
+    return torch_backend.select_mask(scores, sparsity, nm=nm, per=per)
 
 
 def prune_by_scores_(weight: torch.Tensor, scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> int:
@@ -295,7 +295,7 @@ def pack_24_cutlass(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_cpp(dense):
         values, meta = _ext.ops().pack_24_cutlass(dense)
         return values, meta
-    return ref.pack_24_cutlass(dense)
+    return torch_backend.pack_24_cutlass(dense)
 
 
 def unpack_24_cutlass(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -315,7 +315,7 @@ def unpack_24_cutlass(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         )
     if _use_cpp(values):
         return _ext.ops().unpack_24_cutlass(values, meta)
-    return ref.unpack_24_cutlass(values, meta)
+    return torch_backend.unpack_24_cutlass(values, meta)
 
 
 def pack_bitmask(dense: torch.Tensor, *, nm=None) -> BitmaskPacked:
@@ -330,7 +330,7 @@ def pack_bitmask(dense: torch.Tensor, *, nm=None) -> BitmaskPacked:
     if _use_cpp(dense):
         n, m = nm if nm is not None else (0, 0)
         return BitmaskPacked(*_ext.ops().pack_bitmask(dense, n, m))
-    return ref.pack_bitmask(dense, nm=nm)
+    return torch_backend.pack_bitmask(dense, nm=nm)
 
 
 def unpack_bitmask(values: torch.Tensor, bitmask: torch.Tensor, shape) -> torch.Tensor:
@@ -349,4 +349,4 @@ def unpack_bitmask(values: torch.Tensor, bitmask: torch.Tensor, shape) -> torch.
     _same_device(values=values, bitmask=bitmask)
     if _use_cpp(values):
         return _ext.ops().unpack_bitmask(values, bitmask, rows, cols)
-    return ref.unpack_bitmask(values, bitmask, (rows, cols))
+    return torch_backend.unpack_bitmask(values, bitmask, (rows, cols))

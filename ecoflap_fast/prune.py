@@ -1,10 +1,9 @@
-"""The pruning driver: per-block sparsity allocation, then sequential layer-wise pruning (SPEC §3.3).
+"""The pruning driver: validation and the plan first, then the per-block sparsity allocation
+(uniform, OWL or ECoFLaP's stage 1), then stage 2; the report says what was pruned and what not.
 
-Stage 2 walks the blocks in forward order: the calibration inputs of block 0 are captured once;
-for each block, its Linear layers' activation statistics are accumulated with
-``ops.ActNormAccumulator`` (unpruned weights), every Linear is pruned at its block's sparsity with
-the local pruner, and the inputs run through the pruned block become the next block's inputs.
-Only one block's activations live at a time.
+Everything that can be checked is checked before a weight changes: the configuration, the
+calibration batches, the walk's plan (discovery and one dry forward), N:M widths and the sparsity
+map's names and values.
 """
 
 from __future__ import annotations
@@ -13,14 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
-from tqdm.auto import tqdm
 
-from . import blocks as blocks_mod
-from . import ops
+from . import objectives, ops, stage1, stage2, walk
+from .allocate import ecoflap_allocation, owl_sparsities
+from .stage2 import PATTERNS, PRUNERS
 
-PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
-PRUNERS = ("wanda", "magnitude", "sparsegpt")
 ALLOCATORS = ("ecoflap-zo", "ecoflap-fo", "owl", "uniform")
 
 
@@ -78,155 +74,57 @@ class PruneConfig:
             raise ValueError(f"eps must be positive, got {self.eps}")
 
 
-class _Captured(Exception):
-    def __init__(self, args, kwargs):
-        self.args_, self.kwargs_ = args, kwargs
+def _check_matrices(plan: walk.Plan, config: PruneConfig) -> None:
+    nm = PATTERNS[config.pattern]
+    if nm is None:
+        return
+    for name, m in plan.matrices().items():
+        if m.in_features % nm[1]:
+            raise ValueError(
+                f"pattern {config.pattern} needs in_features divisible by {nm[1]}; {name} has {m.in_features}"
+            )
 
 
-def model_batches(calibration, batch_size: int) -> list:
-    """Calibration as a list of model-input dicts: token windows [n, T] are split into batches;
-    a list of dicts (image-text batches) is used as it is."""
-    if isinstance(calibration, torch.Tensor):
-        return [{"input_ids": c} for c in calibration.split(batch_size)]
-    return list(calibration)
-
-
-def _call(model: nn.Module, inputs: dict):
-    from .reference.stage1 import to_device
-
-    kwargs = to_device(inputs, next(model.parameters()).device)
-    if "pixel_values" not in kwargs:
-        kwargs["use_cache"] = False
-    return model(**kwargs)
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration, batch_size: int):
-    """[(hidden_states, other positional args, kwargs)] per calibration batch, as ``first_block``
-    receives them."""
-
-    def grab(_module, args, kwargs):
-        raise _Captured(args, kwargs)
-
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    captured = []
-    try:
-        for inputs in model_batches(calibration, batch_size):
-            try:
-                _call(model, inputs)
-            except _Captured as c:
-                kwargs = dict(c.kwargs_)
-                if c.args_:
-                    hidden, rest = c.args_[0], tuple(c.args_[1:])
-                else:
-                    hidden, rest = kwargs.pop("hidden_states"), ()
-                captured.append((hidden, rest, kwargs))
-            else:
-                raise RuntimeError("the first transformer block was never called during the forward pass")
-    finally:
-        handle.remove()
-    return captured
-
-
-def _block_forward(block: nn.Module, inputs):
-    out = []
-    for hidden, rest, kwargs in inputs:
-        y = block(hidden, *rest, **kwargs)
-        out.append((y[0] if isinstance(y, (tuple, list)) else y, rest, kwargs))
+def _check_sparsity_map(plan: walk.Plan, config: PruneConfig) -> dict[str, float] | None:
+    if config.sparsity_map is None:
+        return None
+    if not isinstance(config.sparsity_map, dict):
+        raise ValueError(
+            f"sparsity map must map matrix names to sparsities, got a {type(config.sparsity_map).__name__}"
+        )
+    if PATTERNS[config.pattern] is not None:
+        raise ValueError(f"a sparsity map cannot be combined with pattern {config.pattern} (every layer is 1 - n/m)")
+    names = list(plan.matrices())
+    missing = [n for n in names if n not in config.sparsity_map]
+    if missing:
+        raise ValueError(f"sparsity map has no entry for {len(missing)} matrices, first {missing[0]!r}")
+    out = {}
+    for n in names:
+        v = config.sparsity_map[n]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"sparsity map entry {n!r} = {v!r} is not a number in [0, 1)")
+        out[n] = float(v)
     return out
 
 
-def _prune_linear(lin: nn.Linear, acc, sparsity: float, config: PruneConfig) -> int:
-    nm = PATTERNS[config.pattern]
-    w = lin.weight.data
-    kw = {"nm": nm} if nm is not None else {"sparsity": sparsity}
-    if config.pruner == "wanda":
-        return ops.wanda_prune_(w, acc.scaler_row, **kw)
-    if config.pruner == "sparsegpt":
-        from .reference.sparsegpt import sparsegpt_prune_
-
-        return sparsegpt_prune_(w, acc.H, **kw)
-    return ops.prune_by_scores_(w, w.abs(), **kw)  # magnitude
-
-
-def measure_sparsity(model: nn.Module) -> tuple[float, dict[str, float]]:
-    layers = blocks_mod.prunable(model)
-    per = {name: float((lin.weight == 0).sum()) / lin.weight.numel() for name, lin in layers.items()}
-    total = sum(lin.weight.numel() for lin in layers.values())
-    zeros = sum(per[n] * layers[n].weight.numel() for n in layers)
-    return zeros / total, per
-
-
-def _group_of(name: str, group: str) -> str:
-    return name if group == "tensor" else blocks_mod.block_of(name)
-
-
-def _block_key(tower: blocks_mod.Tower, index: int) -> str:
-    return f"{tower.path}.{index}"
-
-
-@torch.no_grad()
-def sequential_pass(
-    model: nn.Module, calibration, config: PruneConfig, on_block, desc: str, stat=ops.ActNormAccumulator
-) -> None:
-    """Walk every tower's blocks in forward order with the captured calibration inputs: accumulate
-    each Linear's input statistic ``stat(in_features, device)`` (weights as they are), call
-    ``on_block(tower, index, block, accumulators)`` (which may prune), then run the inputs through the
-    block for the next one. Each tower's inputs are captured after the towers before it were processed."""
-    for tower in blocks_mod.find_towers(model):
-        _sequential_tower(model, tower, calibration, config, on_block, f"{desc} ({tower.family})", stat)
-
-
-def _sequential_tower(model, tower, calibration, config, on_block, desc, stat) -> None:
-    inputs = capture_block_inputs(model, tower.blocks[0], calibration, config.batch_size)
-    for i, block in enumerate(tqdm(tower.blocks, desc=desc, disable=not config.progress)):
-        layers = blocks_mod.linears(block)
-        accs = {name: stat(lin.in_features, lin.weight.device) for name, lin in layers.items()}
-        hooks = [
-            lin.register_forward_hook(lambda _m, inp, _out, a=accs[name]: a.add(inp[0].detach()))
-            for name, lin in layers.items()
-        ]
-        try:
-            _block_forward(block, inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        on_block(tower, i, block, accs)
-        inputs = _block_forward(block, inputs)
-
-
-def _check_layers(layers: dict, config: PruneConfig) -> None:
-    nm = PATTERNS[config.pattern]
-    if nm is not None:
-        for name, lin in layers.items():
-            if lin.in_features % nm[1]:
-                raise ValueError(
-                    f"pattern {config.pattern} needs in_features divisible by {nm[1]}; {name} has {lin.in_features}"
-                )
+def _group_of(m: walk.Matrix, group: str) -> str:
+    return m.name if group == "tensor" else m.block.key
 
 
 def allocate(
-    model: nn.Module,
+    model,
+    plan: walk.Plan,
     config: PruneConfig,
-    calibration: torch.Tensor | None = None,
-    stage1_batches: list[torch.Tensor] | None = None,
+    batches: list[dict],
+    stage1_batches: list[dict],
+    objective: objectives.Objective,
 ) -> tuple[dict[str, float], dict]:
-    """Per-Linear sparsity (full module name -> sparsity) and what stage 1 measured."""
-    from . import stage1
-    from .allocate import ecoflap_allocation, owl_sparsities
-
-    layers = blocks_mod.prunable(model)
-    _check_layers(layers, config)
-    if config.sparsity_map is not None:
-        missing = sorted(set(layers) - set(config.sparsity_map))
-        if missing:
-            raise ValueError(f"sparsity map has no entry for {len(missing)} layers, first {missing[0]!r}")
-        out = {n: float(config.sparsity_map[n]) for n in layers}
-        bad = [n for n, v in out.items() if not 0 <= v < 1]
-        if bad:
-            raise ValueError(f"sparsity map entry {bad[0]!r} = {out[bad[0]]} is outside [0, 1)")
-        return out, {"method": "sparsity map given"}
-    uniform = {n: float(config.sparsity) for n in layers}
+    """Per-matrix sparsity (matrix name -> sparsity) and what the allocator measured."""
+    mats = plan.matrices()
+    given = _check_sparsity_map(plan, config)
+    if given is not None:
+        return given, {"method": "sparsity map given"}
+    uniform = {n: float(config.sparsity) for n in mats}
     if config.allocator == "uniform":
         return uniform, {"method": "uniform"}
     if PATTERNS[config.pattern] is not None:
@@ -234,27 +132,29 @@ def allocate(
     if config.allocator == "owl":
         ratios: dict[str, float] = {}
 
-        def outliers(tower, i, block, accs):
+        def outliers(block, stats, _tokens):
             scores = torch.cat(
                 [
-                    ops.wanda_scores(lin.weight.data, accs[n].scaler_row).flatten()
-                    for n, lin in blocks_mod.linears(block).items()
+                    ops.wanda_scores(m.weight(), stats[m.name].scaler_row).flatten()
+                    for m in block.matrices
+                    if m.name in stats
                 ]
             )
-            ratios[_block_key(tower, i)] = float((scores > config.owl_m * scores.mean()).float().mean())
+            ratios[block.key] = float((scores > config.owl_m * scores.mean()).float().mean())
 
-        sequential_pass(model, calibration, config, outliers, "OWL: outlier ratios")
+        stage2.sequential(model, plan, batches, outliers, desc="OWL: outlier ratios", progress=config.progress)
         keys = list(ratios)
         per_block = dict(zip(keys, owl_sparsities([ratios[k] for k in keys], config.sparsity, config.owl_lambda)))
         return (
-            {n: per_block[_group_of(n, "block")] for n in layers},
+            {n: per_block[m.block.key] for n, m in mats.items()},
             {"method": f"OWL (M={config.owl_m}, lambda={config.owl_lambda})", "outlier_ratio": ratios},
         )
-    method = "zo" if config.allocator == "ecoflap-zo" else "fo"
     res = stage1.tensor_scores(
         model,
         stage1_batches,
-        method=method,
+        plan=plan,
+        objective=objective,
+        method="zo" if config.allocator == "ecoflap-zo" else "fo",
         estimator=config.zo_estimator,
         eps=config.eps,
         seed=config.seed,
@@ -262,10 +162,10 @@ def allocate(
         progress=config.progress,
     )
     groups: dict[str, list[str]] = {}
-    for n in layers:
-        groups.setdefault(_group_of(n, config.group), []).append(n)
+    for n, m in mats.items():
+        groups.setdefault(_group_of(m, config.group), []).append(n)
     keys = list(groups)
-    sizes = [sum(layers[n].weight.numel() for n in groups[g]) for g in keys]
+    sizes = [sum(mats[n].numel for n in groups[g]) for g in keys]
     scores = [sum(res.tensor_scores[n] for n in groups[g]) for g in keys]
     if config.group_reduce == "avg":
         scores = [sc / sz for sc, sz in zip(scores, sizes)]
@@ -273,6 +173,7 @@ def allocate(
     per_group = dict(zip(keys, alloc.sparsity))
     info = {
         "method": f"ECoFLaP stage 1: {res.method}",
+        "loss": res.loss,
         "stage1_s": res.seconds,
         "max_sparsity": config.m,
         "group": config.group,
@@ -281,48 +182,88 @@ def allocate(
         "tensor_scores": res.tensor_scores,
         "fallback": alloc.fallback,
     }
-    return {n: per_group[_group_of(n, config.group)] for n in layers}, info
+    return {n: per_group[_group_of(m, config.group)] for n, m in mats.items()}, info
+
+
+def measure_sparsity(plan: walk.Plan) -> tuple[float, dict[str, float]]:
+    """(zeros / elements over every prunable matrix, per-matrix zero fraction), counted."""
+    per, zeros, total = {}, 0, 0
+    for name, m in plan.matrices().items():
+        w = m.weight()
+        z = int((w == 0).sum())
+        per[name] = z / w.numel()
+        zeros += z
+        total += w.numel()
+    return (zeros / total if total else 0.0), per
+
+
+def prepare(model, calibration, config: PruneConfig, stage1_calibration=None):
+    """Everything checked before any work: (plan, objective, stage-2 batches, stage-1 batches)."""
+    config.validate()
+    objective = objectives.for_model(model)
+    batches = walk.as_batches(calibration, config.batch_size, objective.from_ids)
+    if stage1_calibration is None:
+        stage1_calibration = calibration[:8] if isinstance(calibration, torch.Tensor) else batches
+    stage1_batches = walk.as_batches(stage1_calibration, 4, objective.from_ids)
+    plan = walk.plan(model, batches[0])
+    _check_matrices(plan, config)
+    _check_sparsity_map(plan, config)
+    return plan, objective, batches, stage1_batches
 
 
 @torch.no_grad()
-def prune_(model: nn.Module, calibration, config: PruneConfig | None = None, stage1_calibration=None) -> dict:
+def prune_(model, calibration, config: PruneConfig | None = None, stage1_calibration=None) -> dict:
     """Prune ``model`` in place; returns the report.
 
-    ``calibration``: token windows ``[n, seqlen]`` (causal LMs) or a list of model-input dicts
-    (CLIP-style image-text batches from ``data.clip_batches``). ``stage1_calibration`` (for the
-    ECoFLaP scores) defaults to the first calibration windows / the same batches.
+    ``calibration``: token windows ``[n, seqlen]`` (split into batches of ``config.batch_size`` and
+    turned into the model's inputs: ``input_ids``, or encoder input + labels for encoder-decoder
+    models), or a list of dicts of model inputs used as given (e.g. ``decoder_input_ids`` for T5,
+    pixel values for vision models). ``stage1_calibration`` (ECoFLaP's scores) defaults to the first
+    8 windows / the same batches. Nothing is changed when a check fails.
     """
     config = config or PruneConfig()
-    config.validate()
-    blocks_mod.find_towers(model)
     t0 = time.perf_counter()
-    if stage1_calibration is None:
-        stage1_calibration = calibration[:8] if isinstance(calibration, torch.Tensor) else calibration
-    batches = model_batches(stage1_calibration, 4)
-    sparsities, stage1_info = allocate(model, config, calibration, batches)
+    plan, objective, batches, stage1_batches = prepare(model, calibration, config, stage1_calibration)
+    sparsities, stage1_info = allocate(model, plan, config, batches, stage1_batches, objective)
     t1 = time.perf_counter()
+    tokens_seen: dict[str, int] = {}
+    no_input: list[str] = []
+    stat = stage2.statistic(config.pruner)
 
-    def prune_block(tower, i, block, accs):
-        for name, lin in blocks_mod.linears(block).items():
-            _prune_linear(lin, accs[name], sparsities[f"{tower.path}.{i}.{name}"], config)
+    def prune_block(block, stats, tokens):
+        for m in block.matrices:
+            tokens_seen[m.name] = tokens.get(m.name, 0)
+            if m.name not in stats:
+                no_input.append(m.name)
+            stage2.prune_matrix(m, stats.get(m.name), sparsities[m.name], config.pattern, config.pruner)
 
-    # SparseGPT needs the inputs' Hessian; Wanda and magnitude the column norms.
-    if config.pruner == "sparsegpt":
-        from .reference.sparsegpt import HessianAccumulator as stat
-    else:
-        stat = ops.ActNormAccumulator
-    sequential_pass(model, calibration, config, prune_block, "stage 2: prune blocks", stat)
+    stage2.sequential(
+        model, plan, batches, prune_block, stat=stat, desc="stage 2: prune blocks", progress=config.progress
+    )
     t2 = time.perf_counter()
-    achieved, per_layer = measure_sparsity(model)
+    achieved, per_matrix = measure_sparsity(plan)
+    summary = plan.summary()
+    expert_tokens = {n: tokens_seen[n] for n, m in plan.matrices().items() if m.kind == "expert"}
     return {
+        "model_class": plan.model_class,
         "allocator": config.allocator,
         "pruner": config.pruner,
         "pattern": config.pattern,
         "target_sparsity": config.sparsity,
         "achieved_sparsity": achieved,
-        "layer_sparsity": per_layer,
+        "layer_sparsity": per_matrix,
+        "layer_numel": {n: m.numel for n, m in plan.matrices().items()},
+        "layer_block": {n: m.block.key for n, m in plan.matrices().items()},
         "sparsity_map": sparsities,
         "stage1": stage1_info,
+        "objective": objective.description,
+        "plan": summary,
+        "dense": summary["dense"],
+        "expert_tokens": expert_tokens,
+        "no_calibration_input": {
+            "matrices": no_input,
+            "action": "pruned by magnitude (|W|) at their sparsity: no calibration token reached them",
+        },
         "timings": {"stage1_s": t1 - t0, "stage2_s": t2 - t1},
         "seed": config.seed,
         "nsamples": config.nsamples,

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from ._fs import staged_folder
 
 
-def block_sparsity(layer_sparsity: dict[str, float], numels: dict[str, int] | None = None) -> dict[str, float]:
-    """Mean sparsity of each block ('<tower path>.<index>'), weighted by layer size when known."""
-    from .blocks import block_of
-
+def block_sparsity(
+    layer_sparsity: dict[str, float], numels: dict[str, int] | None = None, blocks: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Mean sparsity of each block ('<stack path>.<index>'), weighted by matrix size when known."""
     acc = defaultdict(lambda: [0.0, 0])
     for name, s in layer_sparsity.items():
-        key = block_of(name)
+        key = (blocks or {}).get(name) or re.match(r"(.*?\.\d+)(\.|\[|$)", name).group(1)
         w = (numels or {}).get(name, 1)
         acc[key][0] += s * w
         acc[key][1] += w
@@ -28,7 +29,7 @@ def plot_allocation(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_block = block_sparsity(report["layer_sparsity"], report.get("layer_numel"))
+    per_block = block_sparsity(report["layer_sparsity"], report.get("layer_numel"), report.get("layer_block"))
     names = list(per_block)
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 3.6))
     ax.bar(range(len(names)), [per_block[n] for n in names], color="#4C72B0")

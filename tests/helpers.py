@@ -54,3 +54,14 @@ def assert_equal_exact(actual: torch.Tensor, expected: torch.Tensor, what: str =
             f"{what}: {len(diff)} of {a.numel()} elements differ; first at {idx}: "
             f"actual {[actual.cpu()[i].item() for i in idx]} expected {[expected.cpu()[i].item() for i in idx]}"
         )
+
+
+def block_linears(model, paths) -> dict:
+    """Every nn.Linear inside the block lists at ``paths`` (attribute paths written by the test, not
+    found by the engine), by full module name, in module order."""
+    out = {}
+    for path in paths:
+        for name, m in model.get_submodule(path).named_modules():
+            if isinstance(m, torch.nn.Linear):
+                out[f"{path}.{name}"] = m
+    return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import clip_processors, tiny_clip
 
-from ecoflap_fast import blocks, data, evaluate
+from ecoflap_fast import data, evaluate, walk
 from ecoflap_fast.prune import PruneConfig, prune_
 
 
@@ -19,10 +19,11 @@ def batches():
     )
 
 
-def test_towers_found_in_forward_order():
-    towers = blocks.find_towers(tiny_clip())
-    assert [t.family for t in towers] == ["clip-vision", "clip-text"]
-    names = list(blocks.prunable(tiny_clip()))
+def test_towers_found_in_forward_order(batches):
+    plan = walk.plan(tiny_clip(), batches[0][0])
+    assert sorted(s.path for s in plan.stacks) == ["text_model.encoder.layers", "vision_model.encoder.layers"]
+    assert {s.name for s in plan.stacks} == {"vision", "text"}
+    names = list(plan.matrices())
     assert not any("projection" in n or "embeddings" in n for n in names)
 
 
@@ -46,15 +47,18 @@ def test_clip_prune_and_evaluate(batches, allocator):
     )
 
 
-def test_clip_zo_fd_uses_plain_order(batches):
+def test_clip_zo_fd_matches_reference(batches):
     from ecoflap_fast import stage1
     from ecoflap_fast.reference import stage1 as ref_stage1
 
     calib, _ = batches
     model = tiny_clip()
     fast = stage1.zo_fd_scores(model, calib[:1], seed=3, progress=False)
-    slow = ref_stage1.zo_tensor_scores(model, blocks.prunable(model), calib[:1], seed=3)
-    assert fast == slow
+    mats = walk.plan(model, calib[0]).matrices()
+    slow = ref_stage1.zo_tensor_scores(model, {n: m.weight() for n, m in mats.items()}, calib[:1], seed=3)
+    assert set(fast) == set(slow)
+    for n in slow:  # weights perturbed one at a time; only the blocks before the perturbed one are skipped
+        assert fast[n] == pytest.approx(slow[n], rel=1e-3, abs=1e-3), n
 
 
 def test_cli_prunes_a_clip_folder(tmp_path, capsys):

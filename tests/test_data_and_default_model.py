@@ -33,12 +33,12 @@ def test_windows():
 
 @pytest.mark.slow
 def test_default_model_prunes_end_to_end():
-    from ecoflap_fast import blocks, evaluate, models
+    from ecoflap_fast import evaluate, models
     from ecoflap_fast.prune import PruneConfig, prune_
 
     model, tok = models.load_model("default")
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert len(blocks.find_towers(model)[0].blocks) == 30
+    assert len(model.model.layers) == 30
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     calib, held = data.split(data.wiki_articles())
     calibration = data.calibration_windows(data.tokenize(tok, calib[:2000]), 8, 64, seed=0)

@@ -2,21 +2,22 @@
 
 import pytest
 import torch
+from helpers import block_linears
 from tiny_models import tiny_llama, tiny_opt
 
-from ecoflap_fast import blocks, ops
+from ecoflap_fast import ops, walk
 from ecoflap_fast.prune import PruneConfig, prune_
 
 MODELS = {"llama": tiny_llama, "opt": tiny_opt}
+BLOCKS = {"llama": "model.layers", "opt": "model.decoder.layers"}
 
 
-def naive_sequential_wanda(model, calibration, config):
+def naive_sequential_wanda(model, path, calibration, config):
     """Stage 2 the slow way: for each block, a full model forward on the model pruned so far, with
     hooks on that block's Linears; then prune. No input caching."""
-    tower = blocks.find_towers(model)[0]
     nm = {"2:4": (2, 4), "4:8": (4, 8)}.get(config.pattern)
-    for block in tower.blocks:
-        layers = blocks.linears(block)
+    for i in range(len(model.get_submodule(path))):
+        layers = block_linears(model, [f"{path}.{i}"])
         accs = {n: ops.ActNormAccumulator(lin.in_features) for n, lin in layers.items()}
         hooks = [lin.register_forward_hook(lambda _m, i, _o, a=accs[n]: a.add(i[0])) for n, lin in layers.items()]
         with torch.no_grad():
@@ -36,8 +37,10 @@ def test_stage2_matches_naive_full_forward(family, pattern, sparsity):
     config = PruneConfig(sparsity=sparsity or 0.5, pattern=pattern, nsamples=6, seqlen=16, batch_size=4, progress=False)
     ours, naive = MODELS[family](), MODELS[family]()
     report = prune_(ours, calibration, config)
-    naive_sequential_wanda(naive, calibration, config)
-    for (name, a), (_, b) in zip(blocks.prunable(ours).items(), blocks.prunable(naive).items()):
+    naive_sequential_wanda(naive, BLOCKS[family], calibration, config)
+    for (name, a), (_, b) in zip(
+        block_linears(ours, [BLOCKS[family]]).items(), block_linears(naive, [BLOCKS[family]]).items()
+    ):
         assert torch.equal(a.weight, b.weight), f"{name} differs from the naive sequential pruning"
     target = 0.5 if pattern == "2:4" else sparsity
     assert report["achieved_sparsity"] == pytest.approx(target, abs=0.02)
@@ -50,9 +53,10 @@ def test_stage2_matches_naive_full_forward(family, pattern, sparsity):
 
 
 def test_block_discovery_and_unknown_layout():
-    towers = blocks.find_towers(tiny_llama())
-    assert [t.path for t in towers] == ["model.layers"]
-    assert set(blocks.linears(towers[0].blocks[0])) == {
+    model = tiny_llama()
+    plan = walk.plan(model, {"input_ids": torch.randint(0, 128, (2, 8))})
+    assert [s.path for s in plan.stacks] == ["model.layers"]
+    assert {m.name[len("model.layers.0.") :] for m in plan.stacks[0].blocks[0].matrices} == {
         "self_attn.q_proj",
         "self_attn.k_proj",
         "self_attn.v_proj",
@@ -61,13 +65,13 @@ def test_block_discovery_and_unknown_layout():
         "mlp.up_proj",
         "mlp.down_proj",
     }
-    with pytest.raises(ValueError, match="no repeated transformer blocks found in Sequential"):
-        blocks.find_towers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="Sequential: no repeated transformer blocks found"):
+        walk.plan(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"input": torch.zeros(1, 4)})
 
 
 def test_sparsity_map_reuse():
     model = tiny_llama()
-    names = list(blocks.prunable(model))
+    names = list(block_linears(model, ["model.layers"]))
     smap = {n: (0.3 if i % 2 else 0.6) for i, n in enumerate(names)}
     rep = prune_(model, torch.randint(0, 128, (4, 16)), PruneConfig(sparsity=0.45, sparsity_map=smap, progress=False))
     for n in names:
@@ -85,7 +89,7 @@ def test_non_uniform_allocators_hit_the_target(family, allocator):
     rep = prune_(model, calibration, config, stage1_calibration=calibration[:4])
     per_block = {}
     for name, s in rep["sparsity_map"].items():
-        per_block.setdefault(blocks.block_of(name), set()).add(s)
+        per_block.setdefault(rep["layer_block"][name], set()).add(s)
     assert len(per_block) == 4 and all(len(v) == 1 for v in per_block.values())  # one sparsity per block
     values = [next(iter(v)) for v in per_block.values()]
     assert max(values) <= 0.6 + 1e-9  # max sparsity m = s + 0.1 (OWL: s + lambda)
@@ -105,7 +109,7 @@ def test_nm_pattern_ignores_allocation():
 def test_sparsegpt_reconstruction():
     """OBS updates lower the layer-output error of SparseGPT's own mask, and with LLM-like per-channel
     input scales SparseGPT beats magnitude and Wanda at the same sparsity."""
-    from ecoflap_fast.reference.sparsegpt import HessianAccumulator, sparsegpt_prune_
+    from ecoflap_fast.sparsegpt import HessianAccumulator, sparsegpt_prune_
 
     torch.manual_seed(0)
     w = torch.randn(48, 96)

@@ -63,9 +63,9 @@ def _load(model_dir: Path, device: str):
 
 
 def _prunable_state(model) -> dict[str, torch.Tensor]:
-    from ..blocks import prunable
+    from .. import walk
 
-    return {name: lin.weight.detach().to("cpu", copy=True) for name, lin in prunable(model).items()}
+    return {name: m.weight().detach().to("cpu", copy=True) for name, m in walk.structure(model).matrices().items()}
 
 
 def _elapsed(fn, sync: bool) -> float:
@@ -181,8 +181,8 @@ def ecoflap(
     """ECoFLaP-zo end to end, fast path; and the reference path: its stage 1 (one full forward per
     perturbation) measured on ``reference_blocks`` and scaled to every tensor, its stage 2 (the
     pure-torch twins: sort per row, Wanda's statistic) measured in full with the fast run's map."""
-    from .. import blocks, stage1
     from .. import reference as ref
+    from .. import stage1, walk
     from ..prune import PruneConfig, prune_
     from ..reference import stage1 as ref_stage1
 
@@ -206,11 +206,12 @@ def ecoflap(
     fast_state = _prunable_state(model)
 
     model, _ = _load(model_dir, device)
-    layers = blocks.prunable(model)
-    only = {n for n in layers if int(blocks.block_of(n).rsplit(".", 1)[1]) in set(reference_blocks)}
+    batches = list(stage1_windows.split(4))
+    mats = walk.plan(model, {"input_ids": batches[0]}).matrices()
+    layers = {n: m.weight() for n, m in mats.items()}
+    only = {n for n, m in mats.items() if m.block.index in set(reference_blocks)}
     if not only:
         raise ValueError(f"reference blocks {reference_blocks} hold no prunable layer")
-    batches = list(stage1_windows.split(4))
     ref_scores: dict = {}
     t_ref_part = _elapsed(
         lambda: ref_scores.update(ref_stage1.zo_tensor_scores(model, layers, batches, seed=seed, only=only)), sync
@@ -218,7 +219,7 @@ def ecoflap(
     fd_scores: dict = {}
     t_fd_part = _elapsed(
         lambda: fd_scores.update(
-            stage1.zo_fd_scores(model, batches, seed=seed, only_blocks=set(reference_blocks), progress=False)
+            stage1.zo_fd_scores(model, batches, seed=seed, only=only, progress=False)
         ),
         sync,
     )
@@ -310,9 +311,9 @@ def run(
         if tok is None or isinstance(tok, tuple):
             raise ValueError(f"{model} has no tokenizer files (or is not a causal LM): no calibration windows")
         if with_ecoflap:
-            from ..blocks import block_of, prunable
+            from .. import walk
 
-            present = {int(block_of(n).rsplit(".", 1)[1]) for n in prunable(dense)}
+            present = {m.block.index for m in walk.structure(dense).matrices().values()}
             missing = sorted(set(reference_blocks) - present)
             if missing:
                 raise ValueError(

@@ -42,7 +42,7 @@ import threading
 import torch
 
 from .. import ops
-from .. import reference as ref
+from .._torch_ops import sqrt_rn
 
 SUPPORTED = "llmcompressor 0.14"
 STATISTICS = ("exact", "fused")
@@ -124,7 +124,7 @@ def _follow_topk_on_ties_(mask: torch.Tensor, weight: torch.Tensor, scaler: torc
     distinct magnitudes (dequantized checkpoints) two columns of a group do tie: one such group in a
     576x1536 layer of the default model. Finding them costs one fp32 score pass and two reductions."""
     rows, cols = weight.shape
-    scores = (weight.abs().float() * ref.sqrt_rn(scaler)).view(rows, cols // m, m)  # llm-compressor's metric
+    scores = (weight.abs().float() * sqrt_rn(scaler)).view(rows, cols // m, m)  # llm-compressor's metric
     pruned = mask.view(rows, cols // m, m)
     highest_pruned = torch.where(pruned, scores, float("-inf")).amax(dim=-1)
     lowest_kept = torch.where(pruned, float("inf"), scores).amin(dim=-1)
@@ -146,7 +146,7 @@ def _scaler_for_torch_sqrt(s: torch.Tensor) -> torch.Tensor | None:
         return s  # the op names the NaN / Inf
     factor = torch.sqrt(s.float())
     squared = factor * factor
-    if not bool(torch.isfinite(squared).all()) or not torch.equal(ref.sqrt_rn(squared), factor):
+    if not bool(torch.isfinite(squared).all()) or not torch.equal(sqrt_rn(squared), factor):
         return None
     return squared
 

@@ -1,92 +1,56 @@
-"""SparseGPT local pruner (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
-Pruned in One-Shot", 2023, Alg. 1), in fp32.
+"""SparseGPT restated for the tests: the oracle of ``ecoflap_fast.sparsegpt``.
 
-H = 2 XᵀX / n over the calibration tokens, dampened by 1% of its mean diagonal (more when the
-Cholesky factorisation fails). Columns are processed in blocks of 128: in each block the mask comes
-from the OBS saliency w² / [H⁻¹]_jj² (unstructured: the block's smallest fraction, by the exact
-selection of ``ops.select_mask``; n:m: per group), and the pruning error of every column is
-propagated to the columns after it.
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot"
+(2023), Alg. 1, in its plainest form: fp64 throughout, H⁻¹ by a direct inverse, and after each
+column the whole remainder of the row updated at once (no lazy block updates). The mask of every
+block of 128 columns is chosen when the sweep reaches the block, from the OBS saliency
+w² / [chol(H⁻¹)]_jj² of the weights as updated so far: the block's smallest fraction (unstructured)
+or the m - n smallest of every group of m (n:m), by the selection rule of ``reference.select_mask``.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-class HessianAccumulator:
-    """Running H = 2 XᵀX / n (fp32) of one Linear's inputs; ``x`` of shape [..., in] counts its
-    leading rows as samples of the batch dimension like ActNormAccumulator (B for [B, T, C])."""
-
-    def __init__(self, in_features: int, device=None):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.nsamples = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        batch = 1 if x.dim() == 2 else x.shape[0]
-        inp = x.reshape(-1, x.shape[-1]).float()
-        self.H *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
-        inp = (2 / self.nsamples) ** 0.5 * inp
-        self.H += inp.t() @ inp
+from .ops import select_mask
 
 
-def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹, adding damping until the factorisation succeeds."""
-    damp = percdamp * torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    for _ in range(8):
-        try:
-            L = torch.linalg.cholesky(H + damp * eye)
-            Hinv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(Hinv, upper=True)
-        except torch.linalg.LinAlgError:
-            damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=H.device)
-    raise ValueError("SparseGPT: the Hessian stays singular after damping (are the calibration inputs all zero?)")
+def hessian(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """H = 2 XᵀX / n (fp64), n = the number of samples (leading rows of [B, T, C], 1 for [T, C])."""
+    n = sum(1 if x.dim() == 2 else x.shape[0] for x in inputs)
+    xs = torch.cat([x.reshape(-1, x.shape[-1]).double() for x in inputs])
+    return 2 * xs.t() @ xs / n
 
 
-@torch.no_grad()
-def sparsegpt_prune_(
-    weight: torch.Tensor,
-    H: torch.Tensor,
-    sparsity: float | None = None,
-    *,
-    nm=None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-) -> int:
-    """Prune ``weight`` [out, in] in place; returns the number of weights set to zero by the mask."""
-    from .. import ops
-
-    W = weight.detach().float().clone()
-    rows, cols = W.shape
-    H = H.clone()
+def sparsegpt_prune_(weight, H, sparsity=None, *, nm=None, blocksize=128, percdamp=0.01) -> int:
+    W = weight.detach().double().clone()
+    H = H.double().clone()
+    cols = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = _inverse_cholesky(H, percdamp)
+    damp = percdamp * torch.mean(torch.diag(H))
+    eye = torch.eye(cols, dtype=torch.float64)
+    for _ in range(8):
+        try:
+            U = torch.linalg.cholesky(torch.linalg.inv(H + damp * eye), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            damp = damp * 10
     pruned = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        scores = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+        saliency = (W[:, i1:i2] ** 2 / torch.diag(U)[i1:i2].reshape(1, -1) ** 2).float()
         if nm is None:
-            mask1 = ops.select_mask(scores, sparsity, per="matrix")
+            mask = select_mask(saliency, sparsity, per="matrix")
         else:
-            mask1 = ops.select_mask(scores, nm=nm)
-        pruned += int(mask1.sum())
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+            mask = select_mask(saliency, nm=nm)
+        pruned += int(mask.sum())
+        for j in range(i2 - i1):
+            i = i1 + j
+            q = torch.where(mask[:, j], torch.zeros_like(W[:, i]), W[:, i])
+            err = (W[:, i] - q) / U[i, i]
+            W[:, i:] -= err.unsqueeze(1) * U[i, i:].unsqueeze(0)
+            W[:, i] = q
     weight.copy_(W.to(weight.dtype))
     return pruned

@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def noise_seed(seed: int, tensor_index: int, batch_index: int) -> int:
-    """The seed of z for (tensor, batch); shared by every implementation so scores are comparable."""
-    return (seed * 1_000_003 + tensor_index * 10_007 + batch_index * 101 + 17) % (2**63 - 1)
-
-
-def noise_like(weight: torch.Tensor, seed: int) -> torch.Tensor:
-    """z ~ N(0, I) in fp32 with the shape of ``weight``, regenerated from ``seed`` (never stored)."""
-    g = torch.Generator(device=weight.device).manual_seed(seed)
-    return torch.randn(weight.shape, generator=g, dtype=torch.float32, device=weight.device)
+from ecoflap_fast.noise import noise_like, noise_seed  # the shared noise convention, not under test
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -53,13 +44,15 @@ def zo_tensor_scores(
     loss_fn=model_loss,
     only: set[str] | None = None,
 ) -> dict[str, float]:
-    """a_t for every tensor in ``layers`` (name -> nn.Linear), or only those named in ``only``."""
+    """a_t for every tensor in ``layers`` (name -> nn.Linear, or name -> the [out, in] view of a
+    matrix, e.g. one expert's slice), or only those named in ``only``; tensor t's noise seed uses
+    its position in ``layers``."""
     scores = {name: 0.0 for name in layers if only is None or name in only}
     for b, batch in enumerate(batches):
         for t, (name, lin) in enumerate(layers.items()):
             if name not in scores:
                 continue
-            w = lin.weight.data
+            w = lin.weight.data if isinstance(lin, torch.nn.Module) else lin
             original = w.clone()
             z = noise_like(w, noise_seed(seed, t, b))
             w.copy_((original.float() + eps * z).to(w.dtype))

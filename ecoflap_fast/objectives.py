@@ -1,0 +1,141 @@
+"""The loss each kind of model is trained with, for stage 1 and evaluation (SPEC §3.1).
+
+  causal-lm       next-token cross-entropy over the whole sequence (padding ignored)
+  seq2seq         the prefix-LM loss of encoder-decoder models: token windows are split in half,
+                  the first half is the encoder input and the second half the decoder's labels
+  masked-lm       masked-token cross-entropy on 15% of the tokens, replaced by random tokens
+  contrastive     the symmetric image-text contrastive loss of CLIP-style dual encoders
+  representation  encoders without a head: 1 - cos(last hidden state on the inputs with 15% of the
+                  tokens replaced by random tokens, the dense model's last hidden state on the clean
+                  inputs), averaged over tokens. A loss against the dense model on the *same* inputs
+                  would have zero gradient at the dense weights; the corrupted inputs make it an
+                  informative denoising objective.
+
+Every loss is computed in fp32. ``per_sample`` returns one value per sequence for the losses that
+are a mean over sequences (the batched finite differences need it); the contrastive loss couples
+the samples of a batch and has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import walk
+
+CORRUPT_FRACTION = 0.15
+
+
+def _token_ce(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean cross-entropy [B] over the positions where ``valid`` holds (fp32)."""
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view(targets.shape) * valid
+    return ce.sum(1) / valid.sum(1).clamp_min(1)
+
+
+def _corrupt(ids: torch.Tensor, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids with CORRUPT_FRACTION of the positions replaced by random tokens, the replaced positions),
+    drawn from ``seed`` so every evaluation of a batch sees the same corruption."""
+    g = torch.Generator().manual_seed(seed)
+    where = torch.rand(ids.shape, generator=g) < CORRUPT_FRACTION
+    where[:, 0] |= ~where.any(1)  # at least one position per sequence
+    random = torch.randint(0, vocab, ids.shape, generator=g)
+    return torch.where(where, random.to(ids.dtype), ids.cpu()).to(ids.device), where.to(ids.device)
+
+
+@dataclass
+class Objective:
+    kind: str
+    description: str
+
+    @property
+    def separable(self) -> bool:
+        return self.kind != "contrastive"
+
+    def from_ids(self, ids: torch.Tensor) -> dict:
+        """Model inputs for a chunk of token windows ``[b, T]``."""
+        if self.kind == "seq2seq":
+            half = max(1, ids.shape[1] // 2)
+            return {"input_ids": ids[:, :half], "labels": ids[:, half:]}
+        return {"input_ids": ids}
+
+    def prepare(self, model, batches: list[dict]) -> list[dict]:
+        """Batches ready for :meth:`loss`: the representation loss adds the dense model's outputs
+        on the clean inputs (``_target``) and the corrupted inputs; masked-lm the corrupted inputs."""
+        if self.kind not in ("representation", "masked-lm"):
+            return batches
+        out = []
+        vocab = model.get_input_embeddings().num_embeddings
+        for i, b in enumerate(batches):
+            corrupted, where = _corrupt(b["input_ids"], vocab, 7919 * (i + 1))
+            nb = dict(b, input_ids=corrupted, _where=where, _clean=b["input_ids"])
+            if self.kind == "representation":
+                with torch.no_grad():
+                    nb["_target"] = walk.forward(model, b).last_hidden_state.float()
+            out.append(nb)
+        return out
+
+    @staticmethod
+    def inputs(batch: dict) -> dict:
+        """The model inputs of a prepared batch (private entries removed)."""
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def per_sample(self, outputs, batch: dict) -> torch.Tensor:
+        """[B] fp32 loss per sequence from the model's outputs on ``inputs(batch)``."""
+        mask = batch.get("attention_mask")
+        if self.kind == "causal-lm":
+            ids = batch.get("labels", batch["input_ids"])
+            valid = (ids[:, 1:] != -100).float()
+            if mask is not None:
+                valid = valid * mask[:, 1:].float() * mask[:, :-1].float()
+            return _token_ce(outputs.logits[:, :-1], ids[:, 1:].clamp_min(0), valid)
+        if self.kind == "seq2seq":
+            if "labels" in batch:
+                labels = batch["labels"]
+                return _token_ce(outputs.logits, labels.clamp_min(0), (labels != -100).float())
+            dec = batch["decoder_input_ids"]
+            return _token_ce(outputs.logits[:, :-1], dec[:, 1:], torch.ones_like(dec[:, 1:], dtype=torch.float32))
+        if self.kind == "masked-lm":
+            return _token_ce(outputs.logits, batch["_clean"], batch["_where"].float())
+        if self.kind == "representation":
+            h = outputs.last_hidden_state.float()
+            cos = F.cosine_similarity(h, batch["_target"].to(h.device), dim=-1, eps=1e-8)
+            valid = mask.float() if mask is not None else torch.ones_like(cos)
+            return ((1 - cos) * valid).sum(1) / valid.sum(1).clamp_min(1)
+        raise ValueError(f"the {self.kind} loss has no per-sample form")
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """The scalar fp32 loss of one prepared batch (differentiable when grad is enabled)."""
+        if self.kind == "contrastive":
+            return walk.forward(model, self.inputs(batch), return_loss=True).loss.float()
+        out = walk.forward(model, self.inputs(batch))
+        return self.per_sample(out, batch).mean()
+
+
+def for_model(model) -> Objective:
+    """The objective of ``model``'s kind; ValueError for a kind without one."""
+    cfg = model.config
+    name = type(model).__name__
+    if hasattr(model, "get_image_features") and hasattr(model, "get_text_features"):
+        return Objective("contrastive", "symmetric image-text contrastive loss")
+    if getattr(cfg, "is_encoder_decoder", False):
+        return Objective(
+            "seq2seq", "prefix-LM loss: encoder reads the first half of each window, decoder predicts the rest"
+        )
+    if name.endswith("ForMaskedLM"):
+        return Objective("masked-lm", "masked-token cross-entropy (15% of tokens replaced by random tokens)")
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel")):
+        return Objective("causal-lm", "next-token cross-entropy over the whole sequence")
+    if name.endswith("Model") and out_emb is None:
+        return Objective(
+            "representation",
+            "representation loss against the dense model: 1 - cos(last hidden state with 15% of the tokens "
+            "replaced, dense last hidden state on the clean tokens)",
+        )
+    raise ValueError(
+        f"{name}: no training objective is known for this kind of model (causal LM, encoder-decoder, "
+        "masked LM, CLIP-style dual encoder or bare encoder)"
+    )
