@@ -561,14 +561,18 @@ def _block_matrices(block: Block, expert_use: dict | None, experts: dict, matrix
     fused_here = {}
     for pn, p in block.module.named_parameters():
         full = f"{prefix}.{pn}"
-        if p.dim() == 3 and full in expert_use:
+        if p.dim() != 3:
+            continue
+        if expert_use is None:  # static structure: the module says how it is stored
+            owner = block.module.get_submodule(pn.rpartition(".")[0]) if "." in pn else block.module
+            fused_here[pn] = (p, bool(getattr(owner, "is_transposed", False)))
+        elif full in expert_use:
             if len(expert_use[full]) != 1:
                 raise WalkError(f"expert parameter {full} is used both as [out, in] and as [in, out]")
             fused_here[pn] = (p, next(iter(expert_use[full])))
-        elif p.dim() == 3 and expert_use is None:  # static structure: the module says how it is stored
-            owner = block.module.get_submodule(pn.rpartition(".")[0]) if "." in pn else block.module
-            fused_here[pn] = (p, bool(getattr(owner, "is_transposed", False)))
-            n_experts = max(n_experts, p.shape[0])
+        else:
+            continue
+        n_experts = max(n_experts, p.shape[0])
     expert_lists = [
         m for n, m in block.module.named_modules() if isinstance(m, nn.ModuleList) and "expert" in n.rsplit(".", 1)[-1]
     ]

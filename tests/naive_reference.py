@@ -34,6 +34,7 @@ divided by the number of positions; Wanda's rule is invariant to that positive c
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 from torch import nn
@@ -253,3 +254,45 @@ def prunable_names(model: nn.Module, block_paths: list[str]) -> list[str]:
                 for pname in ("gate_up_proj", "down_proj"):
                     names += [f"{ename}.{pname}[{e}]" for e in range(getattr(mod, pname).shape[0])]
     return names
+
+
+_SLICE = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def _param(model: nn.Module, name: str) -> torch.Tensor:
+    """The tensor a name refers to: ``a.b.weight`` or an expert slice ``a.experts.down_proj[3]``."""
+    m = _SLICE.match(name)
+    if m:
+        return model.get_parameter(m.group(1)).data[int(m.group(2))]
+    return model.get_parameter(name).data
+
+
+def mask_agreement(model_a: nn.Module, model_b: nn.Module, names) -> dict[str, float]:
+    """{name: fraction of positions where ``W == 0`` agrees between the two models}.
+
+    ``names``: parameter names or expert slices ``name[e]``; a 3-D parameter given by its plain name
+    is compared per expert slice (``name[0]``, ``name[1]``, ...).
+    """
+    out = {}
+    for name in names:
+        if not _SLICE.match(name) and model_a.get_parameter(name).dim() == 3:
+            keys = [f"{name}[{e}]" for e in range(model_a.get_parameter(name).shape[0])]
+        else:
+            keys = [name]
+        for key in keys:
+            a, b = _param(model_a, key), _param(model_b, key)
+            assert a.shape == b.shape, (key, tuple(a.shape), tuple(b.shape))
+            out[key] = float(((a == 0) == (b == 0)).float().mean())
+    return out
+
+
+def block_zero_fraction(model: nn.Module, block_paths) -> float:
+    """Zeros over every parameter with dim >= 2 inside the block lists (experts, routers and any
+    dense matrices included)."""
+    zeros = total = 0
+    for path in block_paths:
+        for p in model.get_submodule(path).parameters():
+            if p.dim() >= 2:
+                zeros += int((p == 0).sum())
+                total += p.numel()
+    return zeros / total

@@ -6,19 +6,26 @@
     caught, far above the float-order noise floor;
 (d) the dead-expert Mixtral really starves one expert and the oracle flags it.
 
-``mask_agreement`` and ``block_zero_fraction`` are the helpers the engine's comparison test uses.
+``naive_reference.mask_agreement`` and ``block_zero_fraction`` serve the engine's comparison test too.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 import time
 
 import pytest
 import torch
 from arch_zoo import ALL_NAMES, DEAD_EXPERT, MOE_NAMES, block_lists, build
-from naive_reference import expert_inputs, naive_wanda_, prunable_names
+from naive_reference import (
+    _SLICE,
+    _param,
+    block_zero_fraction,
+    expert_inputs,
+    mask_agreement,
+    naive_wanda_,
+    prunable_names,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,48 +34,6 @@ from ecoflap_fast import reference
 
 SPARSITY = 0.5
 AGREEMENT = 0.998  # SPEC §7: engine masks agree with the oracle >= 0.998 per weight
-
-_SLICE = re.compile(r"^(.*)\[(\d+)\]$")
-
-
-def _param(model: nn.Module, name: str) -> torch.Tensor:
-    """The tensor a name refers to: ``a.b.weight`` or an expert slice ``a.experts.down_proj[3]``."""
-    m = _SLICE.match(name)
-    if m:
-        return model.get_parameter(m.group(1)).data[int(m.group(2))]
-    return model.get_parameter(name).data
-
-
-def mask_agreement(model_a: nn.Module, model_b: nn.Module, names) -> dict[str, float]:
-    """{name: fraction of positions where ``W == 0`` agrees between the two models}.
-
-    ``names``: parameter names or expert slices ``name[e]``; a 3-D parameter given by its plain name
-    is compared per expert slice (``name[0]``, ``name[1]``, ...).
-    """
-    out = {}
-    for name in names:
-        if not _SLICE.match(name) and model_a.get_parameter(name).dim() == 3:
-            keys = [f"{name}[{e}]" for e in range(model_a.get_parameter(name).shape[0])]
-        else:
-            keys = [name]
-        for key in keys:
-            a, b = _param(model_a, key), _param(model_b, key)
-            assert a.shape == b.shape, (key, tuple(a.shape), tuple(b.shape))
-            out[key] = float(((a == 0) == (b == 0)).float().mean())
-    return out
-
-
-def block_zero_fraction(model: nn.Module, block_paths) -> float:
-    """Zeros over every parameter with dim >= 2 inside the block lists (experts, routers and any
-    dense matrices included)."""
-    zeros = total = 0
-    for path in block_paths:
-        for p in model.get_submodule(path).parameters():
-            if p.dim() >= 2:
-                zeros += int((p == 0).sum())
-                total += p.numel()
-    return zeros / total
-
 
 def _block_params(model, block_paths) -> dict[str, torch.Tensor]:
     out = {}
