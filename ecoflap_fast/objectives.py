@@ -58,7 +58,7 @@ class Objective:
         """Model inputs for a chunk of token windows ``[b, T]``."""
         if self.kind == "seq2seq":
             half = max(1, ids.shape[1] // 2)
-            return {"input_ids": ids[:, :half], "labels": ids[:, half:]}
+            return {"input_ids": ids[:, :half].contiguous(), "labels": ids[:, half:].contiguous()}
         return {"input_ids": ids}
 
     def prepare(self, model, batches: list[dict]) -> list[dict]:

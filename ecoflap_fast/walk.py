@@ -400,7 +400,8 @@ def _stack_name(path: str, model: nn.Module) -> str:
     ):
         if key in p:
             return name
-    return "language" if getattr(model.config, "is_decoder", False) or hasattr(model, "lm_head") else "main"
+    cfg = getattr(model, "config", None)
+    return "language" if getattr(cfg, "is_decoder", False) or hasattr(model, "lm_head") else "main"
 
 
 def _module_class(model: nn.Module) -> str:
