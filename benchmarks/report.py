@@ -276,6 +276,31 @@ def pipeline_table(rows: list[dict]) -> str:
     return "\n".join(lines + [""] + checks)
 
 
+def arch_table(rows: list[dict]) -> str:
+    rows = _latest_run(rows)
+    env = rows[0]
+    by = defaultdict(dict)
+    shapes = {}
+    for r in rows:
+        by[r["op"]][r["metric"]] = float(r["median"])
+        shapes[r["op"]] = r["shape"]
+    lines = [
+        f"{env['device']}, {env['date']} (commit {env['commit']}); tiny random configs of the real classes, "
+        "uniform Wanda and ECoFLaP-zo at 0.5",
+        "",
+        "| model | class: stacks (blocks) | prunable matrices | share of block matrices | mask agreement "
+        "with the naive oracle (min) | zeros, uniform | zeros, ECoFLaP-zo | time uniform / naive / ECoFLaP-zo (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, m in by.items():
+        lines.append(
+            f"| {name} | {shapes[name]} | {m['matrices']:.0f} | {m['coverage']:.1%} | {m['agreement_min']:.4f} | "
+            f"{m['zeros_uniform']:.4f} | {m['zeros_ecoflap_zo']:.4f} | "
+            f"{m['time_uniform_s']:.2f} / {m['time_naive_s']:.2f} / {m['time_ecoflap_zo_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     sections = []
     for csv_path in sorted(RESULTS_DIR.glob("ops_*.csv")):
@@ -315,6 +340,7 @@ def main() -> int:
         ("export_cpu.csv", "readme-export", export_table),
         ("quality_seeds_cpu.csv", "readme-seeds", seeds_table),
         ("pipeline_cpu.csv", "readme-pipeline", pipeline_table),
+        ("arch_cpu.csv", "readme-arch", arch_table),
     ]:
         path = RESULTS_DIR / name
         if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():
