@@ -22,13 +22,7 @@ SPARSITY = 0.5
 AGREEMENT = 0.998
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: two threads only add synchronisation (and suffer badly on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _param_name(matrix_name: str) -> str:

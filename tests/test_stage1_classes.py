@@ -13,13 +13,7 @@ from arch_zoo import build
 from ecoflap_fast import objectives, stage1, walk
 from ecoflap_fast.reference import stage1 as ref_stage1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_objectives_are_the_models_own_losses():

@@ -92,7 +92,8 @@ def _tiny(cls_name):
         ("albert", "AlbertModel: no repeated transformer blocks found"),
         (
             "funnel",
-            r"FunnelModel: the plan would leave \d+% of the block weights unpruned \(largest: encoder.blocks.0.0.\S+ \(stack not run\)",
+            r"FunnelModel: the plan would leave \d+% of the block weights unpruned "
+            r"\(largest: encoder.blocks.0.0.\S+ \(stack not run\)",
         ),
     ],
 )

@@ -12,14 +12,14 @@ Selection rule: the pruned entries are the first k of a stable ascending sort of
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
 )
+
+from ecoflap_fast._torch_ops import BitmaskPacked  # the container type the ops return, not under test
 
 __all__ = [
     "ActNormAccumulator",
@@ -38,19 +38,6 @@ __all__ = [
     "wanda_prune_",
     "wanda_scores",
 ]
-
-
-class BitmaskPacked(NamedTuple):
-    """compressed-tensors bitmask layout of a 2-D tensor ``[rows, cols]``.
-
-    values:      kept values in row-major order; 1-D (unstructured) or ``[rows, cols*n/m]`` (n:m)
-    bitmask:     uint8 ``[rows, ceil(cols/8)]``, column c at byte c//8, bit c%8 (LSB first)
-    row_offsets: int64 ``[rows]``, start of each row inside the flattened ``values``
-    """
-
-    values: torch.Tensor
-    bitmask: torch.Tensor
-    row_offsets: torch.Tensor
 
 
 def num_pruned(count: int, sparsity: float) -> int:
