@@ -44,14 +44,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _remove_blocks(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--remove-blocks must be a number, got {text!r}") from None
+    if not v >= 0 or (v >= 1 and not v.is_integer()):
+        raise argparse.ArgumentTypeError(f"--remove-blocks must be a count >= 0 or a fraction in (0, 1), got {text}")
+    return int(v) if v >= 1 else v
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .depth import SCORERS
     from .prune import ALLOCATORS, PATTERNS, PRUNERS
 
     parser = argparse.ArgumentParser(prog="ecoflap-fast", description="Kernel-accelerated ECoFLaP pruning")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prune", help="prune a model and write report.json + sparsity.png to --output")
     _common(p)
-    p.add_argument("--sparsity", type=_sparsity, default=0.5, help="target sparsity over the prunable set, in [0, 1)")
+    p.add_argument(
+        "--sparsity",
+        type=_sparsity,
+        default=None,
+        help="target sparsity over the prunable set, in [0, 1) (default 0.5; with --remove-blocks alone: none)",
+    )
     p.add_argument("--pattern", default="unstructured", choices=list(PATTERNS))
     p.add_argument("--pruner", default="wanda", choices=list(PRUNERS))
     p.add_argument(
@@ -89,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="also export the pruned model to OUTPUT/<format> (verified before it appears)",
     )
     p.add_argument("--export-dtype", default=None, choices=sorted(DTYPES), help="dtype of exported weights")
+    p.add_argument(
+        "--remove-blocks",
+        type=_remove_blocks,
+        default=None,
+        metavar="K",
+        help="depth pruning: remove K whole blocks (or a fraction of them, e.g. 0.25) before any width pruning",
+    )
+    p.add_argument(
+        "--block-scorer",
+        default="iterative",
+        choices=list(SCORERS),
+        help="which blocks --remove-blocks removes: iterative (re-scored calibration loss), bi (block influence), "
+        "ecoflap (stage-1 block scores)",
+    )
+    p.add_argument("--depth-nsamples", type=int, default=8, help="calibration windows for the block scorer")
     x = sub.add_parser("export", help="write a (pruned) Hugging Face model folder as a sparse checkpoint")
     x.add_argument("--model", required=True, help="Hugging Face folder of the pruned model (e.g. OUTPUT/model)")
     x.add_argument("--format", required=True, choices=["hf-dense", "ct-bitmask", "ct-24", "torch-24"])
@@ -156,8 +187,9 @@ def _prune(a) -> dict:
         sparsity_map = json.loads(a.sparsity_map.read_text()).get("sparsity_map")
         if sparsity_map is None:
             raise ValueError(f"{a.sparsity_map} has no 'sparsity_map' entry (use a report.json of an earlier run)")
+    width = a.sparsity is not None or not a.remove_blocks or a.pattern != "unstructured" or a.sparsity_map is not None
     config = PruneConfig(
-        sparsity=a.sparsity,
+        sparsity=0.5 if a.sparsity is None else a.sparsity,
         pattern=a.pattern,
         pruner=a.pruner,
         allocator=a.allocator,
@@ -176,6 +208,8 @@ def _prune(a) -> dict:
     config.validate()
     if a.stage1_nsamples <= 0 or a.stage1_seqlen <= 0:
         raise ValueError("stage-1 nsamples and seqlen must be positive")
+    if a.remove_blocks:
+        _check_depth_request(a)
     calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
@@ -199,7 +233,14 @@ def _prune(a) -> dict:
         t = time.perf_counter()
         q_dense = measure("dense")
         eval_s += time.perf_counter() - t
-    rep = prune_(model, calibration, config, stage1_calibration=stage1_calibration)
+    depth_rep = _remove_blocks_step(a, model, objective, calib_tokens if not is_clip else None, config.progress)
+    if width:
+        rep = prune_(model, calibration, config, stage1_calibration=stage1_calibration)
+    else:
+        rep = _depth_only_report(model, calibration, config)
+    if depth_rep is not None:
+        rep["depth"] = depth_rep
+        rep["timings"]["depth_s"] = depth_rep["seconds"]
     if a.eval:
         t = time.perf_counter()
         q_pruned = measure("pruned")
@@ -240,6 +281,65 @@ def _prune(a) -> dict:
         extra=exports if a.export else None,
     )
     return rep
+
+
+def _check_depth_request(a) -> None:
+    """--remove-blocks against the model's layer count, from its config alone (before loading weights)."""
+    from . import depth, models
+
+    if a.depth_nsamples <= 0:
+        raise ValueError(f"--depth-nsamples must be positive, got {a.depth_nsamples}")
+    path = models.resolve(a.model)
+    if path.is_dir():
+        cfg = json.loads((path / "config.json").read_text())
+        n = cfg.get("num_hidden_layers", cfg.get("n_layer", cfg.get("num_layers")))
+        if isinstance(n, int):
+            depth.block_count(a.remove_blocks, n)
+
+
+def _remove_blocks_step(a, model, objective, calib_tokens, progress: bool):
+    """Depth pruning before width pruning: score, remove, report (None without --remove-blocks)."""
+    if not a.remove_blocks:
+        return None
+    from . import data, depth, walk
+
+    if calib_tokens is None:
+        raise ValueError("--remove-blocks supports decoder-only language models for now")
+    windows = data.calibration_windows(calib_tokens, a.depth_nsamples, a.stage1_seqlen, a.seed + 2)
+    batches = walk.as_batches(windows, 4, objective.from_ids)
+    plan = walk.plan(model, batches[0])
+    depth.check_supported(model, plan, objective)
+    k = depth.block_count(a.remove_blocks, len(plan.stacks[0].blocks))
+    cfg = depth.DepthConfig(remove=k, scorer=a.block_scorer, seed=a.seed, progress=progress)
+    chosen = depth.choose_blocks(model, plan, objective, batches, k, cfg)
+    chosen.update(depth.remove_blocks_(model, plan, chosen["removed_blocks"]))
+    return chosen
+
+
+def _depth_only_report(model, calibration, config) -> dict:
+    """The report of a run that removed blocks and pruned no weight: what is left, counted."""
+    from . import objectives, walk
+    from .prune import measure_sparsity
+
+    objective = objectives.for_model(model)
+    plan = walk.plan(model, walk.as_batches(calibration, config.batch_size, objective.from_ids)[0])
+    achieved, per = measure_sparsity(plan)
+    return {
+        "model_class": plan.model_class,
+        "allocator": "none",
+        "pruner": "none (blocks removed only)",
+        "pattern": "none",
+        "target_sparsity": 0.0,
+        "achieved_sparsity": achieved,
+        "layer_sparsity": per,
+        "layer_numel": {n: m.numel for n, m in plan.matrices().items()},
+        "layer_block": {n: m.block.key for n, m in plan.matrices().items()},
+        "sparsity_map": {},
+        "stage1": {"method": "none"},
+        "plan": plan.summary(),
+        "timings": {"stage1_s": 0.0, "stage2_s": 0.0},
+        "seed": config.seed,
+    }
 
 
 def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool):
@@ -424,6 +524,12 @@ def main(argv=None) -> int:
             if rep.get("loss_pruned") is not None:
                 line += f"; held-out contrastive loss {rep['loss_dense']:.4f} dense -> {rep['loss_pruned']:.4f} pruned"
             print(line)
+            if rep.get("depth"):
+                d = rep["depth"]
+                print(
+                    f"depth: removed blocks {d['removed_blocks']} of {d['blocks_before']} ({d['scorer']} scorer, "
+                    f"{d['seconds']:.1f}s); {d['blocks_after']} blocks left"
+                )
             print(
                 f"stage 1: {rep['stage1']['method']}"
                 + (f" (fallback: {rep['stage1']['fallback']})" if rep["stage1"].get("fallback") else "")

@@ -685,15 +685,20 @@ def _identity(block: Block):
 
 
 @contextlib.contextmanager
-def _skipped(blocks: list[Block]):
-    """Within: every block in ``blocks`` returns its hidden states unchanged."""
+def skipped(blocks: list[Block]):
+    """Within: every block in ``blocks`` returns its hidden states unchanged (nests: a block skipped by
+    an outer context stays skipped when an inner one ends)."""
+    saved = [(b, b.module.__dict__.get("forward")) for b in blocks]
     try:
         for b in blocks:
             b.module.forward = _identity(b)
         yield
     finally:
-        for b in blocks:
-            b.module.__dict__.pop("forward", None)
+        for b, before in reversed(saved):
+            if before is None:
+                b.module.__dict__.pop("forward", None)
+            else:
+                b.module.forward = before
 
 
 @contextlib.contextmanager
@@ -710,7 +715,7 @@ def starting_at(block: Block, hidden: torch.Tensor):
     handle = block.module.register_forward_pre_hook(feed, with_kwargs=True)
     skip = block.stack.blocks[: block.index] if block.stack.stub_capture else []
     try:
-        with _skipped(skip):
+        with skipped(skip):
             yield
     finally:
         handle.remove()
@@ -734,7 +739,7 @@ def _capture_calls(model, stack: Stack, batches: list[dict], *, stub: bool) -> l
         for b in stack.blocks
     ]
     try:
-        with _skipped(stack.blocks[:-1] if stub else []), torch.no_grad():
+        with skipped(stack.blocks[:-1] if stub else []), torch.no_grad():
             for batch in batches:
                 state.clear()
                 state["calls"] = [None] * len(stack.blocks)
