@@ -301,6 +301,57 @@ def arch_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def depth_table(rows: list[dict]) -> str:
+    out = []
+    for model in sorted({r["shape"].split(",")[0] for r in rows}):
+        mine = _latest_run([r for r in rows if r["shape"].startswith(model + ",")])
+        env = mine[0]
+        ppl = defaultdict(dict)
+        speed = defaultdict(dict)
+        extra = []
+        for r in mine:
+            k = r["shape"].split("K=")[-1].split()[0] if "K=" in r["shape"] else None
+            if r["op"] == "perplexity":
+                ppl[int(k)][r["provider"]] = float(r["median"])
+            elif r["op"] in ("prefill_512", "decode_32", "ideal_speedup"):
+                speed[int(k)][r["op"]] = float(r["median"])
+            elif r["op"] in ("depth_plus_width", "width_only"):
+                extra.append((r["op"], r["provider"], r["shape"].split(", ", 1)[1], float(r["median"])))
+        scorers = [s for s in ("iterative", "bi", "ecoflap", "last") if any(s in v for v in ppl.values())]
+        dense = ppl.get(0, {}).get("dense")
+        out += [
+            f"**{model}** ({env['device']}, {env['date']}, commit {env['commit']}); dense perplexity **{dense:.2f}**",
+            "",
+            "| K removed | " + " | ".join(scorers) + " |",
+            "|---:|" + "---:|" * len(scorers),
+        ]
+        for k in sorted(k for k in ppl if k):
+            out.append(f"| {k} | " + " | ".join(f"{ppl[k].get(s, float('nan')):.1f}" for s in scorers) + " |")
+        if speed:
+            base = speed.get(0, {})
+            out += [
+                "",
+                "| K removed (iterative) | prefill 512 (ms) | speed-up | decode 32 (ms) | speed-up | ideal |",
+                "|---:|---:|---:|---:|---:|---:|",
+            ]
+            for k in sorted(speed):
+                v = speed[k]
+                out.append(
+                    f"| {k} | {v['prefill_512']:.0f} | {base['prefill_512'] / v['prefill_512']:.2f}× | "
+                    f"{v['decode_32']:.0f} | {base['decode_32'] / v['decode_32']:.2f}× | "
+                    f"{v.get('ideal_speedup', 1.0):.2f}× |"
+                )
+        if extra:
+            out += ["", "| same remaining block weights | perplexity |", "|---|---:|"]
+            for op, prov, shape, v in extra:
+                what = (
+                    f"depth ({shape}) + uniform width" if op == "depth_plus_width" else f"width only, {prov} ({shape})"
+                )
+                out.append(f"| {what} | {v:.1f} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def main() -> int:
     sections = []
     for csv_path in sorted(RESULTS_DIR.glob("ops_*.csv")):
@@ -341,6 +392,7 @@ def main() -> int:
         ("quality_seeds_cpu.csv", "readme-seeds", seeds_table),
         ("pipeline_cpu.csv", "readme-pipeline", pipeline_table),
         ("arch_cpu.csv", "readme-arch", arch_table),
+        ("depth_cpu.csv", "readme-depth", depth_table),
     ]:
         path = RESULTS_DIR / name
         if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():

@@ -327,20 +327,23 @@ class _ExpertCalls(TorchFunctionMode):
 
     def __init__(self, params: dict[str, torch.Tensor], on_call):
         super().__init__()
-        self.ranges = []
-        for name, p in params.items():
-            start = p.data_ptr()
-            self.ranges.append((start, start + p.numel() * p.element_size(), p.stride(0) * p.element_size(), name, p))
+        self.params = {id(p): (name, p) for name, p in params.items()}
         self.on_call = on_call
 
     def _find(self, w):
+        """(parameter name, expert, parameter) of a 2-D view of one expert's slice. The parameter is
+        found by identity (the view's base), so it holds while a parameter's data is swapped in and
+        out (streamed blocks); the expert from the view's offset into the parameter's data."""
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             return None
-        ptr = w.data_ptr()
-        for start, end, stride, name, p in self.ranges:
-            if start <= ptr < end and tuple(w.shape) in (tuple(p.shape[1:]), tuple(p.shape[1:])[::-1]):
-                return name, (ptr - start) // stride, p
-        return None
+        base = w._base
+        hit = self.params.get(id(base)) if base is not None else None
+        if hit is None:
+            return None
+        name, p = hit
+        if tuple(w.shape) not in (tuple(p.shape[1:]), tuple(p.shape[1:])[::-1]):
+            return None
+        return name, (w.storage_offset() - p.storage_offset()) // p.stride(0), p
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
