@@ -165,9 +165,27 @@ def resolve(model: str) -> Path:
     return path
 
 
+def model_class(config):
+    """The transformers class a folder was saved from (``config.architectures``), else the auto class
+    of its kind: encoder-decoder, causal LM, or the bare model."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    if config.model_type == "clip":
+        return transformers.CLIPModel
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    if type(config) in transformers.AutoModelForCausalLM._model_mapping:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
 def load_model(model: str = "default", *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer_or_processor) in eval mode. The source checkpoint is only read."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = resolve(model)
     if path.is_file():
@@ -178,21 +196,10 @@ def load_model(model: str = "default", *, dtype: torch.dtype = torch.float32, de
         except Exception as e:
             raise ValueError(f"{path}/config.json could not be read: {type(e).__name__}: {e}") from e
         try:
+            m = model_class(config).from_pretrained(path, **_dtype_kw(dtype))
             if config.model_type == "clip":
-                from transformers import CLIPModel
-
-                m = CLIPModel.from_pretrained(path, **_dtype_kw(dtype))
                 tok = _optional_processor(path)
-            elif getattr(config, "is_encoder_decoder", False):
-                from transformers import AutoModelForSeq2SeqLM
-
-                m = AutoModelForSeq2SeqLM.from_pretrained(path, **_dtype_kw(dtype))
-                tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
             else:
-                try:
-                    m = AutoModelForCausalLM.from_pretrained(path, **_dtype_kw(dtype))
-                except ValueError:
-                    m = AutoModel.from_pretrained(path, **_dtype_kw(dtype))
                 tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
         except (OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path} could not be loaded: {type(e).__name__}: {e}") from e

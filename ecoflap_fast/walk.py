@@ -325,19 +325,25 @@ class _ExpertCalls(TorchFunctionMode):
     """Sees ``F.linear(x, P[e])`` and ``x @ P[e]`` on slices of fused 3-D expert parameters and
     reports ``(parameter name, expert, transposed, x)`` to ``on_call``."""
 
-    def __init__(self, params: dict[str, torch.Tensor], on_call):
+    def __init__(self, owners: dict[str, tuple[nn.Module, str]], on_call):
         super().__init__()
-        self.params = {id(p): (name, p) for name, p in params.items()}
+        self.owners = owners  # parameter name -> (owning module, attribute)
+        self.params: dict[int, tuple[str, torch.Tensor]] = {}
         self.on_call = on_call
+
+    def _lookup(self, base):
+        hit = self.params.get(id(base))
+        if hit is None or hit[1] is not base:  # parameters replaced (streamed blocks): look again
+            self.params = {id(getattr(m, a)): (n, getattr(m, a)) for n, (m, a) in self.owners.items()}
+            hit = self.params.get(id(base))
+        return hit
 
     def _find(self, w):
         """(parameter name, expert, parameter) of a 2-D view of one expert's slice. The parameter is
-        found by identity (the view's base), so it holds while a parameter's data is swapped in and
-        out (streamed blocks); the expert from the view's offset into the parameter's data."""
-        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        found by identity (the view's base), the expert from the view's offset into its data."""
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w._base is None:
             return None
-        base = w._base
-        hit = self.params.get(id(base)) if base is not None else None
+        hit = self._lookup(w._base)
         if hit is None:
             return None
         name, p = hit
@@ -424,13 +430,13 @@ def plan(model: nn.Module, sample_batch: dict) -> Plan:
     for path, ml in lists:
         for i, b in enumerate(ml):
             block_of_module[id(b)] = (path, i)
-    fused = {
-        n: p
-        for path, ml in lists
-        for i, b in enumerate(ml)
-        for n, p in ((f"{path}.{i}.{pn}", p) for pn, p in b.named_parameters())
-        if p.dim() == 3
-    }
+    fused = {}
+    for path, ml in lists:
+        for i, b in enumerate(ml):
+            for mn, m in b.named_modules():
+                for pn, p in m.named_parameters(recurse=False):
+                    if p.dim() == 3:
+                        fused[f"{path}.{i}.{mn}.{pn}" if mn else f"{path}.{i}.{pn}"] = (m, pn)
 
     calls: list[tuple[str, int]] = []
     records: dict[tuple[str, int], dict] = {}
@@ -793,11 +799,11 @@ def block_statistics(model: nn.Module, block: Block, inputs: list[StackInputs], 
     tokens: dict[str, int] = defaultdict(int)
     device = model_device(block.module)
     by_module = defaultdict(list)
-    fused: dict[str, torch.Tensor] = {}
+    fused: dict[str, tuple[nn.Module, str]] = {}
     expert_matrix: dict[tuple[str, int], Matrix] = {}
     for m in block.matrices:
         if m.kind == "expert":
-            fused[m.param_name] = m.param
+            fused[m.param_name] = (m.module, m.attr)
             expert_matrix[(m.param_name, m.expert)] = m
         else:
             by_module[id(m.module)].append(m)
