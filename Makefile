@@ -86,3 +86,23 @@ lint: setup
 
 clean:
 	rm -rf build build-cmake build-cmake.log *.egg-info ecoflap_fast/_C*.so
+
+# ---- GPU kernels without a GPU, and the one-slot GPU run ---------------------------------------------
+.PHONY: aot-report gpu-run gpu-run-dry
+GPU_PY ?=  # empty: the script picks python, else python3
+
+# Ahead-of-time compile report (no GPU needed): registers, spills, shared memory, occupancy, bytes per
+# weight and passes per row of every Triton and CUDA kernel at the dispatcher's launch configurations.
+aot-report: setup
+	$(BIN)/python benchmarks/aot_report.py --arch sm_90 --out benchmarks/results/aot_sm90.csv
+	$(BIN)/python benchmarks/aot_report.py --arch sm_80 --out benchmarks/results/aot_sm80.csv
+	$(BIN)/python benchmarks/aot_report.py --arch sm_100 --out benchmarks/results/aot_sm100.csv
+
+# On a CUDA machine (its own Python, no PyPI needed): install, GPU tests, op / 2:4 / model benchmarks,
+# results in benchmarks/results/*_cuda.csv (and $OUT). Stops at once without a GPU.
+gpu-run:
+	PY=$(GPU_PY) bash benchmarks/gpu_run.sh
+
+# CPU rehearsal of gpu-run: every step's command, script and flag exists and parses.
+gpu-run-dry: setup
+	PY=$(abspath $(BIN)/python) bash benchmarks/gpu_run.sh --dry-run

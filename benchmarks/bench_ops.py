@@ -1,6 +1,7 @@
 """Op throughput against the usual torch implementations, on real LLaMA layer shapes.
 
     python benchmarks/bench_ops.py --device cpu --shapes llama7b --dtype bfloat16
+    python benchmarks/bench_ops.py --device cuda --shapes all --variants bisect,radix   # both select kernels
 
 The benchmark lives in ``ecoflap_fast.bench.ops`` (``ecoflap-fast bench`` runs it too); this script
 appends to benchmarks/results/ops_<device>.csv.

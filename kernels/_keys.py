@@ -18,7 +18,14 @@ def score_of(w, sqrt_s, ABS: tl.constexpr, SCALED: tl.constexpr):
 
 @triton.jit
 def order_key(score):
-    """int64 in [0, 2**32) whose order is the float order; -0.0 folds onto +0.0 so they tie."""
+    """uint32 whose unsigned order is the float order of the fp32 ``score`` (one register per
+    element); -0.0 folds onto +0.0 so they tie. Scores other than NaN map into [0x007FFFFF, 0xFF800000]
+    (the keys of -inf and +inf), so 0 and 0xFFFFFFFF (:data:`PAD_KEY32`) are never a score's key."""
     bits = score.to(tl.int32, bitcast=True)
     bits = tl.where(bits == -2147483648, 0, bits)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+    signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # two's-complement order = float order
+    return (signed ^ -2147483648).to(tl.uint32, bitcast=True)  # flip the sign bit: unsigned order
+
+
+# Key of the padding lanes of a row block: after every finite score's key.
+PAD_KEY32 = tl.constexpr(0xFFFFFFFF)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch
+
 
 @triton.jit
 def _col_sq_norms_kernel(
@@ -39,21 +41,39 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(-1, c)  # same dtype: never an fp32 copy
 
 
-def col_sq_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32[C] of Σ x²; adds into ``out`` (fp32[C]) when given."""
-    x2 = _as_rows(x)
+def col_sq_norms_launch(x2: torch.Tensor) -> tuple[Launch, torch.Tensor]:
+    """The launch for ``x2`` [rows, C] (unit column stride) and the fp32 [splits, C] partials it
+    writes (allocated here, on ``x2``'s device).
+
+    Tiles of 32 rows x up to 128 columns; enough row splits to fill the device (about 1024 programs
+    in all), each with at least 4 tiles of rows. bytes_per_element (per activation element): x read
+    once at its width + the fp32 partials (4 * splits / rows); passes: 1 (the column sum of the
+    accumulator tile at the end)."""
     rows, cols = x2.shape
     block_c = min(128, triton.next_power_of_2(max(cols, 16)))
     block_r = 32
     col_blocks = triton.cdiv(cols, block_c)
-    # enough programs to fill the device, each with a useful number of rows
     splits = max(1, min(triton.cdiv(rows, 4 * block_r), max(1, 1024 // col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
     splits = triton.cdiv(rows, rows_per_split) if rows else 1
-    part = torch.empty(splits, cols, dtype=torch.float32, device=x.device)
-    _col_sq_norms_kernel[(col_blocks, splits)](
-        x2, part, rows, cols, x2.stride(0), rows_per_split, BLOCK_R=block_r, BLOCK_C=block_c
+    part = torch.empty(splits, cols, dtype=torch.float32, device=x2.device)
+    launch = Launch(
+        _col_sq_norms_kernel,
+        (col_blocks, splits),
+        (x2, part, rows, cols, x2.stride(0), rows_per_split),
+        dict(BLOCK_R=block_r, BLOCK_C=block_c),
+        num_warps=4,
+        bytes_per_element=x2.element_size() + 4 * splits / max(rows, 1),
+        tile_bytes=block_r * block_c * x2.element_size(),
+        passes=1,
     )
+    return launch, part
+
+
+def col_sq_norms(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32[C] of Σ x²; adds into ``out`` (fp32[C]) when given."""
+    launch, part = col_sq_norms_launch(_as_rows(x))
+    launch()
     total = part.sum(0)
     if out is None:
         return total

@@ -35,6 +35,28 @@ def test_prune_matches_cpu_on_layer_shapes(shape, dtype, kw):
     assert_equal_exact(ops.wanda_mask(w.cuda(), s.cuda(), **kw).cpu(), ops.wanda_mask(w, s, **kw), "mask")
 
 
+@pytest.mark.parametrize("shape", LAYERS + [(8192, 28672), (64, 16384), (64, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", ["bisect", "radix"])
+def test_row_select_variants_match_cpu(shape, variant):
+    from ecoflap_fast import kernels
+
+    w = tie_heavy_weight(*shape, torch.bfloat16)
+    s = tie_heavy_scaler(shape[1])
+    expected = w.clone()
+    ops.wanda_prune_(expected, s, 0.5)
+    kernels.set_select_variant(variant)
+    try:
+        _poison_allocator()
+        got = w.cuda()
+        ops.wanda_prune_(got, s.cuda(), 0.5)
+        assert_equal_exact(got.cpu(), expected, f"pruned weight ({variant})")
+        _poison_allocator()
+        mask = ops.wanda_mask(w.cuda(), s.cuda(), 0.3)
+        assert_equal_exact(mask.cpu(), ops.wanda_mask(w, s, 0.3), f"mask ({variant})")
+    finally:
+        kernels.set_select_variant(None)
+
+
 def test_per_matrix_and_scores_on_gpu():
     w = tie_heavy_weight(1024, 4096, torch.bfloat16)
     s = tie_heavy_scaler(4096)

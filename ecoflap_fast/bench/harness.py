@@ -52,12 +52,15 @@ def measure(
     fn, *, setup=None, device: str = "cpu", warmup: int = 1, repeat: int = 5, rep_ms: int = 200
 ) -> tuple[float, float, float]:
     """Milliseconds (median, p20, p80) of ``fn(*setup())``; ``setup`` runs untimed before every call
-    (fresh inputs for in-place ops). On CUDA uses ``triton.testing.do_bench`` (events, L2 flush)."""
+    (fresh inputs for in-place ops). On CUDA: with a ``setup``, every call gets fresh inputs and a
+    flushed L2 and is timed by its own pair of CUDA events (:func:`_cuda_fresh`); without one,
+    ``triton.testing.do_bench`` (events, L2 flush)."""
     if device.startswith("cuda"):
+        if setup is not None:
+            return _cuda_fresh(fn, setup, rep_ms=rep_ms)
         import triton.testing
 
-        args = setup() if setup else ()
-        out = triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        out = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return tuple(out)
     for _ in range(warmup):
         fn(*(setup() if setup else ()))
@@ -68,6 +71,39 @@ def measure(
         fn(*args)
         samples.append((time.perf_counter() - t0) * 1e3)
     return _quantiles(samples)
+
+
+_L2_FLUSH: dict = {}
+
+
+def _cuda_fresh(fn, setup, *, rep_ms: int = 200, warmup_ms: int = 25, min_reps: int = 5) -> tuple[float, float, float]:
+    """CUDA timing of ``fn(*setup())`` with fresh inputs for every call: an in-place op (pruning)
+    must not be timed on its own output, whose zeros would change what the selection sees. Per
+    call: ``setup()`` and an L2 flush (a 256 MB write, as do_bench does), then the call between two
+    events; enough calls to fill ``rep_ms`` (between ``min_reps`` and 200) after ``warmup_ms`` (at most
+    50 calls)."""
+    if "buf" not in _L2_FLUSH:
+        _L2_FLUSH["buf"] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    flush = _L2_FLUSH["buf"]
+
+    def once():
+        args = setup()
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        return start, end
+
+    torch.cuda.synchronize()
+    s, e = once()
+    torch.cuda.synchronize()
+    estimate = max(s.elapsed_time(e), 1e-3)
+    for _ in range(min(50, max(1, int(warmup_ms / estimate)))):
+        once()
+    events = [once() for _ in range(max(min_reps, min(200, int(rep_ms / estimate))))]
+    torch.cuda.synchronize()
+    return _quantiles([s.elapsed_time(e) for s, e in events])
 
 
 def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 1 << 30) -> float:
@@ -137,6 +173,17 @@ class Results:
         )
 
     def write(self, path: Path) -> Path:
+        """Append every row to the CSV at ``path`` (header first if the file is new)."""
+        return self._append(path, self.rows)
+
+    def flush(self, path: Path) -> Path:
+        """Append the rows added since the last flush: a run cut short keeps what it measured."""
+        done = getattr(self, "_flushed", 0)
+        self._flushed = len(self.rows)
+        return self._append(path, self.rows[done:])
+
+    @staticmethod
+    def _append(path: Path, rows: list[dict]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
@@ -144,7 +191,7 @@ class Results:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             if new:
                 w.writeheader()
-            w.writerows(self.rows)
+            w.writerows(rows)
         return path
 
 
