@@ -4,9 +4,28 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402,F401
-from .export import export_, load_sparse  # noqa: E402,F401
-from .prune import PruneConfig, prune_  # noqa: E402,F401
+# The public names are imported on first use (PEP 562), so that `ecoflap-fast` starts its command,
+# with its own Ctrl-C and error handling, before torch and transformers are imported.
+_LAZY = {
+    "ops": (".ops", None),
+    "export_": (".export", "export_"),
+    "load_sparse": (".export", "load_sparse"),
+    "PruneConfig": (".prune", "PruneConfig"),
+    "prune_": (".prune", "prune_"),
+}
+__all__ = ["PruneConfig", "backends", "export_", "load_sparse", "ops", "prune_"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module, __name__)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
 
 
 def backends() -> dict[str, str]:

