@@ -9,7 +9,7 @@ order for the largest K gives every smaller K (each step is greedy); the one-sho
 Calibration for the scorers: 8 windows x 128 tokens of the calibration split; perplexity: the first
 16 non-overlapping 512-token windows of the held-out articles. Speed: each model is saved and loaded
 back with plain ``transformers.AutoModelForCausalLM.from_pretrained`` in fp32; prefill of 512 tokens
-(batch 1) and greedy decoding of 32 tokens, medians of 5 runs after a warm-up; the ideal ratio is the
+(batch 1) and greedy decoding of 32 tokens, medians of 9 runs after a warm-up; the ideal ratio is the
 dense model's compute parameters (blocks + head) over the pruned model's. Appends rows to
 benchmarks/results/depth_cpu.csv.
 """
@@ -48,23 +48,26 @@ def _compute_params(model) -> int:
 
 
 @torch.no_grad()
-def _speed(folder: Path, prompt: torch.Tensor, reps: int = 5) -> tuple[float, float]:
-    """(prefill ms, decode ms for 32 greedy tokens) medians, the folder loaded with plain transformers."""
+def _speeds(folders: dict[str, Path], prompt: torch.Tensor, reps: int = 9) -> dict[str, tuple[float, float]]:
+    """{name: (prefill ms, decode ms for 32 greedy tokens)}, medians over ``reps`` rounds; every folder
+    loaded with plain transformers, and the models measured in turn within each round (so a slow
+    stretch of the machine hits all of them alike), after one warm-up round."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prefill, decode = [], []
+    models_ = {k: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval() for k, f in folders.items()}
+    samples = {k: ([], []) for k in folders}
     for i in range(reps + 1):
-        t = time.perf_counter()
-        model(prompt, use_cache=False)
-        p = time.perf_counter() - t
-        t = time.perf_counter()
-        model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        d = time.perf_counter() - t
-        if i:  # the first run warms up
-            prefill.append(p * 1e3)
-            decode.append(d * 1e3)
-    return statistics.median(prefill), statistics.median(decode)
+        for k, model in models_.items():
+            t = time.perf_counter()
+            model(prompt, use_cache=False)
+            p = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            d = time.perf_counter() - t
+            if i:  # the first round warms up
+                samples[k][0].append(p * 1e3)
+                samples[k][1].append(d * 1e3)
+    return {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in samples.items()}
 
 
 def main(argv=None) -> int:
@@ -75,10 +78,21 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows of the scorers")
     p.add_argument("--width-k", type=int, default=4, help="K of the depth + width comparison")
     p.add_argument("--width-sparsity", type=float, default=0.5)
-    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--no-speed", action="store_true", help="perplexities only")
+    p.add_argument("--speed-only", action="store_true", help="speed of the iterative choices only")
+    p.add_argument(
+        "--iterative-order",
+        type=int,
+        nargs="+",
+        default=None,
+        help="reuse an iterative removal order (original indices)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "depth_cpu.csv")
     a = p.parse_args(argv)
+    quality, speed = not a.speed_only, not a.no_speed
+    if a.speed_only:
+        a.scorers = ["iterative"]
     base, tok = models.load_model(a.model)
     obj = objectives.for_model(base)
     calib, held = data.split(data.wiki_articles())
@@ -93,53 +107,63 @@ def main(argv=None) -> int:
     kmax = max(a.ks)
     res = Results("depth", "cpu")
     label = f"{a.model}, {n} blocks"
-    t = time.perf_counter()
-    dense_ppl = evaluate.perplexity(base, held_windows, progress=False)
-    res.add("perplexity", "dense", f"{label} K=0", "float32", "ppl", "ppl", dense_ppl)
-    print(f"dense perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
+    if quality:
+        t = time.perf_counter()
+        dense_ppl = evaluate.perplexity(base, held_windows, progress=False)
+        res.add("perplexity", "dense", f"{label} K=0", "float32", "ppl", "ppl", dense_ppl)
+        print(f"dense perplexity {dense_ppl:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
 
     orders = {}
     for scorer in a.scorers:
         t = time.perf_counter()
         if scorer == "last":
             orders[scorer] = list(range(n - 1, n - 1 - kmax, -1))
+        elif scorer == "iterative" and a.iterative_order:
+            orders[scorer] = a.iterative_order[:kmax]
         else:
             cfg = depth.DepthConfig(remove=kmax, scorer=scorer, seed=a.seed, progress=False)
             orders[scorer] = depth.choose_blocks(base, plan, obj, batches, kmax, cfg)["removal_order"]
         secs = time.perf_counter() - t
-        res.add("scoring_time", scorer, f"{label} K={kmax}", "float32", "time", "s", secs)
+        if scorer != "last" and not (scorer == "iterative" and a.iterative_order):
+            res.add("scoring_time", scorer, f"{label} K={kmax}", "float32", "time", "s", secs)
         print(f"{scorer:9s} removal order {orders[scorer]} ({secs:.0f}s)", flush=True)
 
     prompt = held_windows[:1]
     with tempfile.TemporaryDirectory(prefix="ecoflap-depth-") as tmp:
-        if not a.no_speed:
-            base.save_pretrained(Path(tmp) / "dense")
-            pre, dec = _speed(Path(tmp) / "dense", prompt)
-            res.add("prefill_512", "dense", f"{label} K=0", "float32", "time", "ms", pre)
-            res.add("decode_32", "dense", f"{label} K=0", "float32", "time", "ms", dec)
-            print(f"dense: prefill {pre:.0f} ms, decode {dec:.0f} ms", flush=True)
+        folders = {0: Path(tmp) / "dense"}
+        if speed:
+            base.save_pretrained(folders[0])
         dense_params = _compute_params(base)
+        ideal = {}
         for k in a.ks:
             for scorer in a.scorers:
                 model = copy.deepcopy(base)
                 mplan = walk.plan(model, batches[0])
                 depth.remove_blocks_(model, mplan, sorted(orders[scorer][:k]))
-                ppl = evaluate.perplexity(model, held_windows, progress=False)
                 shape = f"{label} K={k}"
-                res.add("perplexity", scorer, shape, "float32", "ppl", "ppl", ppl)
-                line = f"K={k} {scorer:9s} removed {sorted(orders[scorer][:k])} ppl {ppl:10.2f}"
-                if scorer == "iterative" and not a.no_speed:
-                    folder = Path(tmp) / f"k{k}"
-                    model.save_pretrained(folder)
-                    pre, dec = _speed(folder, prompt)
-                    ideal = dense_params / _compute_params(model)
-                    res.add("prefill_512", scorer, shape, "float32", "time", "ms", pre)
-                    res.add("decode_32", scorer, shape, "float32", "time", "ms", dec)
-                    res.add("ideal_speedup", scorer, shape, "float32", "ratio", "x", ideal)
-                    line += f"; prefill {pre:.0f} ms, decode {dec:.0f} ms, ideal speed-up {ideal:.3f}x"
+                line = f"K={k} {scorer:9s} removed {sorted(orders[scorer][:k])}"
+                if quality:
+                    ppl = evaluate.perplexity(model, held_windows, progress=False)
+                    res.add("perplexity", scorer, shape, "float32", "ppl", "ppl", ppl)
+                    line += f" ppl {ppl:10.2f}"
+                if scorer == "iterative" and speed:
+                    folders[k] = Path(tmp) / f"k{k}"
+                    model.save_pretrained(folders[k])
+                    ideal[k] = dense_params / _compute_params(model)
                 print(line, flush=True)
                 del model
+        if speed:
+            for k, (pre, dec) in _speeds(folders, prompt).items():
+                prov, shape = ("dense", f"{label} K=0") if k == 0 else ("iterative", f"{label} K={k}")
+                res.add("prefill_512", prov, shape, "float32", "time", "ms", pre)
+                res.add("decode_32", prov, shape, "float32", "time", "ms", dec)
+                if k:
+                    res.add("ideal_speedup", prov, shape, "float32", "ratio", "x", ideal[k])
+                print(f"K={k}: prefill {pre:.0f} ms, decode {dec:.0f} ms" + (f", ideal {ideal[k]:.3f}x" if k else ""))
 
+    if not quality:
+        print(f"wrote {len(res.rows)} rows to {res.write(a.out)}")
+        return 0
     # depth K + width s against width alone at the same number of remaining block weights
     k, s = a.width_k, a.width_sparsity
     model = copy.deepcopy(base)

@@ -24,6 +24,15 @@ def _latest_run(rows: list[dict]) -> list[dict]:
     return [r for r in rows if (r["date"], r["commit"]) == last]
 
 
+def _latest_per_key(rows: list[dict]) -> list[dict]:
+    """The most recent row of every (op, provider, shape, metric): runs that measured different parts
+    (perplexity in one, speed in another) combine."""
+    latest = {}
+    for r in sorted(rows, key=lambda r: r["date"]):
+        latest[(r["op"], r["provider"], r["shape"], r["metric"])] = r
+    return sorted(latest.values(), key=lambda r: r["date"])
+
+
 def ops_table(rows: list[dict]) -> str:
     rows = _latest_run(rows)
     env = rows[0]
@@ -304,7 +313,7 @@ def arch_table(rows: list[dict]) -> str:
 def depth_table(rows: list[dict]) -> str:
     out = []
     for model in sorted({r["shape"].split(",")[0] for r in rows}):
-        mine = _latest_run([r for r in rows if r["shape"].startswith(model + ",")])
+        mine = _latest_per_key([r for r in rows if r["shape"].startswith(model + ",")])
         env = mine[0]
         ppl = defaultdict(dict)
         speed = defaultdict(dict)
@@ -352,6 +361,25 @@ def depth_table(rows: list[dict]) -> str:
     return "\n".join(out).rstrip()
 
 
+def scale_table(rows: list[dict]) -> str:
+    rows = _latest_per_key(rows)
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["shape"], r["provider"])][r["op"]] = float(r["median"])
+    env = rows[-1]
+    lines = [
+        f"{env['device']}, {env['date']} (commit {env['commit']})",
+        "",
+        "| checkpoint | run | peak RSS (GiB) | wall time (s) | achieved sparsity |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (shape, prov), m in sorted(by.items(), key=lambda kv: (float(kv[0][0].split("(")[1].split()[0]), kv[0][1])):
+        lines.append(
+            f"| {shape} | {prov} | {m['peak_rss']:.2f} | {m['wall_time']:.0f} | {m.get('achieved_sparsity', 0):.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     sections = []
     for csv_path in sorted(RESULTS_DIR.glob("ops_*.csv")):
@@ -393,6 +421,7 @@ def main() -> int:
         ("pipeline_cpu.csv", "readme-pipeline", pipeline_table),
         ("arch_cpu.csv", "readme-arch", arch_table),
         ("depth_cpu.csv", "readme-depth", depth_table),
+        ("scale_cpu.csv", "readme-scale", scale_table),
     ]:
         path = RESULTS_DIR / name
         if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():

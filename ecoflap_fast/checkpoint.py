@@ -174,9 +174,9 @@ def save_model(model, folder, *, dtype: torch.dtype | None = None, tokenizer=Non
 
 
 def write_config(model, folder, dtype: torch.dtype | None) -> None:
-    config = model.config
+    config = type(model.config).from_dict(model.config.to_dict())
+    config.architectures = [type(model).__name__]
     if dtype is not None:
-        config = type(config).from_dict(config.to_dict())
         config.dtype = dtype
     config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:

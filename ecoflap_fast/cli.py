@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         "ecoflap (stage-1 block scores)",
     )
     p.add_argument("--depth-nsamples", type=int, default=8, help="calibration windows for the block scorer")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="out of core: read each block from the checkpoint when it is reached, write it pruned to OUTPUT/model "
+        "and free it (switched on by itself when the weights would take over 40%% of the memory)",
+    )
+    p.add_argument(
+        "--save-dtype", default=None, choices=sorted(DTYPES), help="dtype of OUTPUT/model (default: the source's)"
+    )
     x = sub.add_parser("export", help="write a (pruned) Hugging Face model folder as a sparse checkpoint")
     x.add_argument("--model", required=True, help="Hugging Face folder of the pruned model (e.g. OUTPUT/model)")
     x.add_argument("--format", required=True, choices=["hf-dense", "ct-bitmask", "ct-24", "torch-24"])
@@ -168,18 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-llmcompressor", action="store_true", help="pipelines without llm-compressor")
     b.add_argument("--no-ecoflap", action="store_true", help="skip the ECoFLaP fast-vs-reference pipeline")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_reliability_options(sub)
     return parser
 
 
 def _prune(a) -> dict:
     import torch
 
-    from . import data, models, objectives, report
+    from . import data, models, objectives, parallel, report
     from .prune import PruneConfig, prune_
 
     t_start = time.perf_counter()
+    if parallel.init_from_env(a.device or ("cuda" if torch.cuda.is_available() else "cpu")) and a.remove_blocks:
+        raise ValueError("--remove-blocks is not available under torchrun yet; run it in one process")
     out = a.output.expanduser().resolve()
-    check_destination(out, a.force)  # refuse before any work
+    _reliability_checks(a, out)  # every check that needs no weights; then the output's lock, held to the end
     sparsity_map = None
     if a.sparsity_map is not None:
         if not a.sparsity_map.is_file():
@@ -212,8 +224,24 @@ def _prune(a) -> dict:
         _check_depth_request(a)
     calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
+    compute_dtype = getattr(torch, DTYPES[a.dtype])
+    streamed = _stream_decision(a, compute_dtype, device)
+    loader = None
+    if streamed:
+        from . import stream
+
+        path = models.resolve(a.model)
+        model, loader, source = stream.open_streamed(path, dtype=compute_dtype, device=device)
+        tok = models.load_tokenizer(path, a.trust_remote_code)
+        source_dtype = source.dtype()
+    else:
+        model, tok = models.load_model(
+            a.model, dtype=compute_dtype, device=device, trust_remote_code=a.trust_remote_code
+        )
+        source_dtype = models.source_dtype(a.model)
+    save_dtype = getattr(torch, DTYPES[a.save_dtype]) if a.save_dtype else source_dtype
     objective = objectives.for_model(model)
+    _check_loaded_context(a, model)
     is_clip = objective.kind == "contrastive"
     if tok is None:
         what = "an image processor and tokenizer" if is_clip else "tokenizer files"
@@ -223,10 +251,17 @@ def _prune(a) -> dict:
         calibration = data.clip_batches(calib_pairs, *tok, batch_size=a.batch_size)
         stage1_calibration = calibration
     else:
-        calib_tokens = data.tokenize(tok, calib_texts)
+        calib_tokens = data.tokenize(tok, calib_texts, max_tokens=_calibration_tokens(a))
         calibration = data.calibration_windows(calib_tokens, a.nsamples, a.seqlen, a.seed)
         stage1_calibration = data.calibration_windows(calib_tokens, a.stage1_nsamples, a.stage1_seqlen, a.seed + 1)
-    measure, metric = _quality(a, model, tok, objective, eval_texts, held_pairs if is_clip else None, config.progress)
+    eval_plan = None
+    if streamed and a.eval:
+        from . import walk
+
+        eval_plan = walk.plan(model, walk.as_batches(calibration, 1, objective.from_ids)[0], loader=loader)
+    measure, metric = _quality(
+        a, model, tok, objective, eval_texts, held_pairs if is_clip else None, config.progress, eval_plan
+    )
     eval_s = 0.0
     q_dense = q_pruned = None
     if a.eval:
@@ -234,7 +269,10 @@ def _prune(a) -> dict:
         q_dense = measure("dense")
         eval_s += time.perf_counter() - t
     depth_rep = _remove_blocks_step(a, model, objective, calib_tokens if not is_clip else None, config.progress)
-    if width:
+    written = None
+    if streamed:
+        written, rep = _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibration, save_dtype)
+    elif width:
         rep = prune_(model, calibration, config, stage1_calibration=stage1_calibration)
     else:
         rep = _depth_only_report(model, calibration, config)
@@ -258,13 +296,21 @@ def _prune(a) -> dict:
         "dtype": DTYPES[a.dtype],
         "eval_windows": a.eval_windows if a.eval else None,
         "eval_seqlen": a.eval_seqlen if a.eval else None,
+        "streamed": streamed,
+        "ranks": parallel.world(),
+        "saved_dtype": str(save_dtype).replace("torch.", "") if a.save_model or streamed else None,
     }
     rep["timings"].update(eval_s=eval_s, total_s=time.perf_counter() - t_start)
     export_dtype = getattr(torch, DTYPES[a.export_dtype]) if a.export_dtype else None
 
-    def exports(folder):
+    def extra(folder):
+        from . import checkpoint
         from .export import export_
 
+        if written is not None:  # streamed: the pruned checkpoint is already on disk
+            os.replace(written, folder / "model")
+        elif a.save_model:
+            checkpoint.save_model(model, folder / "model", dtype=save_dtype, tokenizer=None if is_clip else tok)
         rep["exports"] = [
             export_(model, folder / fmt, fmt, tokenizer=None if is_clip else tok, dtype=export_dtype)
             for fmt in a.export
@@ -272,15 +318,119 @@ def _prune(a) -> dict:
         for e in rep["exports"]:
             e["path"] = str(out / e["format"])
 
-    report.write_output(
-        out,
-        rep,
-        force=a.force,
-        model=model if a.save_model else None,
-        tokenizer=tok if a.save_model and not is_clip else None,
-        extra=exports if a.export else None,
-    )
+    if not parallel.is_main():  # rank 0 writes; the other ranks only took part in the reductions
+        return rep
+    try:
+        report.write_output(out, rep, force=a.force, extra=extra)
+    finally:
+        if written is not None and written.exists():
+            import shutil
+
+            shutil.rmtree(written, ignore_errors=True)
     return rep
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def _stream_decision(a, compute_dtype, device: str) -> bool:
+    """--stream, or switched on (with a message) when the weights in the compute dtype would take more
+    than 40% of the available memory; refused (before any work) where streaming cannot help or fit."""
+    from . import models, stream
+
+    path = models.resolve(a.model)
+    if not path.is_dir():
+        if a.stream:
+            raise ValueError(f"--stream reads a safetensors model folder; {a.model} is a GGUF file (convert it first)")
+        return False
+    try:
+        est = stream.estimate(path, compute_dtype, a.nsamples, a.seqlen, a.batch_size)
+    except (OSError, ValueError) as e:  # no safetensors weights, unreadable config: the loader names it
+        if a.stream:
+            raise ValueError(f"--stream cannot read {a.model}: {e}") from None
+        return False
+    available = stream.available_memory(device)
+    on = a.stream
+    if not on and est["weights"] > 0.4 * available:
+        print(
+            f"ecoflap-fast: the weights take {_size(est['weights'])} in {str(compute_dtype)[6:]}, over 40% "
+            f"of the {_size(available)} available: streaming block by block (--stream)",
+            file=sys.stderr,
+        )
+        on = True
+    if on:
+        if est["peak_streamed"] > available:
+            raise MemoryError(
+                f"even streamed, the run needs about {_size(est['peak_streamed'])} (embeddings and head "
+                f"{_size(est['outside'])}, two blocks {_size(2 * est['block'])}, activations "
+                f"{_size(est['activations'])}) and {_size(available)} are available"
+            )
+        for flag, name in ((a.export, "--export"), (a.remove_blocks, "--remove-blocks")):
+            if flag:
+                raise ValueError(f"{name} is not available with --stream; run it on OUTPUT/model afterwards")
+        print(
+            f"ecoflap-fast: streaming; estimated peak {_size(est['peak_streamed'])} "
+            f"(weights {_size(est['weights'])} in memory otherwise)",
+            file=sys.stderr,
+        )
+    return on
+
+
+def _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibration, save_dtype):
+    """Stage 1 and stage 2 on a streamed skeleton; every pruned block is written to a temporary folder
+    beside the output as soon as it is done. Returns (the folder, the report)."""
+    import tempfile
+    from pathlib import Path
+
+    from . import checkpoint, parallel, walk
+    from .prune import prune_
+
+    out = a.output.expanduser().resolve()
+    main = parallel.is_main()
+    folder = None
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.model-", dir=out.parent))
+    folder = Path(parallel.broadcast(str(folder)))
+    try:
+        writer = checkpoint.ShardWriter(folder) if main else None
+        cast = lambda t: t.to(save_dtype) if t.is_floating_point() else t  # noqa: E731
+
+        def write(block):
+            for n, t in block.module.state_dict().items():
+                writer.add(f"{block.path}.{n}", cast(t))
+
+        rep = prune_(
+            model,
+            calibration,
+            config,
+            stage1_calibration=stage1_calibration,
+            loader=loader,
+            after_block=write if main else None,
+        )
+        if main:
+            stacks = [s.path + "." for s in walk.structure(model).stacks]
+            skip = checkpoint.tied_names(model)
+            for n, t in model.state_dict().items():
+                if n not in skip and not n.startswith(tuple(stacks)):
+                    writer.add(n, cast(t))
+            writer.close()
+            checkpoint.write_config(model, folder, save_dtype)
+            if tok is not None and not isinstance(tok, tuple):
+                tok.save_pretrained(folder)
+        parallel.barrier()
+        loader.checkpoint = checkpoint.Checkpoint(folder)  # the pruned evaluation reads what was written
+        return folder, rep
+    except BaseException:
+        import shutil
+
+        if main:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _check_depth_request(a) -> None:
@@ -342,7 +492,7 @@ def _depth_only_report(model, calibration, config) -> dict:
     }
 
 
-def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool):
+def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool, plan=None):
     """(measure(label) -> float, metric name) of held-out quality for this kind of model; the data
     are prepared only when --eval asks for them."""
     from . import data, evaluate
@@ -352,10 +502,14 @@ def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool):
     if objective.kind == "contrastive":
         held = data.clip_batches(held_pairs, *tok, batch_size=a.batch_size)
         return (lambda label: evaluate.contrastive_loss(model, held, progress=progress)), "contrastive_loss"
-    windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
+    windows = data.eval_windows(
+        data.tokenize(tok, eval_texts, max_tokens=a.eval_windows * a.eval_seqlen), a.eval_seqlen, a.eval_windows
+    )
     if objective.kind in ("causal-lm", "seq2seq"):
         return (
-            lambda label: evaluate.perplexity(model, windows, progress=progress, desc=f"perplexity ({label})")
+            lambda label: evaluate.perplexity(
+                model, windows, progress=progress, desc=f"perplexity ({label})", plan=plan
+            )
         ), "ppl"
     batches = [{"input_ids": w} for w in windows.split(4)]
     dense = evaluate.sentence_embeddings(model, batches)  # before pruning
@@ -369,8 +523,8 @@ def _export(a) -> dict:
     from .export import export_
 
     out = a.output.expanduser().resolve()
-    check_destination(out, a.force)  # refuse before loading the model
-    model, tok = models.load_model(a.model)
+    _reliability_checks(a, out)  # before loading the model; then the output's lock
+    model, tok = models.load_model(a.model, trust_remote_code=a.trust_remote_code)
     dtype = getattr(torch, DTYPES[a.dtype]) if a.dtype else None
     return export_(
         model,
@@ -389,9 +543,15 @@ def _eval(a) -> dict:
     from . import data, evaluate, models
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = models.load_model(a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device)
+    _reliability_checks(a, None)
+    model, tok = models.load_model(
+        a.model, dtype=getattr(torch, DTYPES[a.dtype]), device=device, trust_remote_code=a.trust_remote_code
+    )
+    _check_loaded_context(a, model)
     _, eval_texts = data.corpus(None, a.eval_text)
-    windows = data.eval_windows(data.tokenize(tok, eval_texts), a.eval_seqlen, a.eval_windows)
+    windows = data.eval_windows(
+        data.tokenize(tok, eval_texts, max_tokens=a.eval_windows * a.eval_seqlen), a.eval_seqlen, a.eval_windows
+    )
     return {"model": a.model, "ppl": evaluate.perplexity(model, windows, progress=not a.no_progress)}
 
 
@@ -400,7 +560,8 @@ def _inspect(a) -> str:
 
     from . import models, objectives, walk
 
-    model, tok = models.load_model(a.model)
+    _reliability_checks(a, None)
+    model, tok = models.load_model(a.model, trust_remote_code=a.trust_remote_code)
     objective = objectives.for_model(model)
     if objective.kind == "contrastive":
         from . import data
@@ -503,15 +664,232 @@ def _bench(a) -> int:
     return 0
 
 
+# ---- reliability: every check before any work, the output lock, signals, one-line errors ----------
+# (docs/RELIABILITY.md says what these promise and which tests hold them)
+_SESSION: dict = {}
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP, raised in the main thread so that every ``finally`` (temporary folders, the
+    output lock) runs before the process exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _add_reliability_options(sub) -> None:
+    for name, p in sub.choices.items():
+        p.add_argument("--debug", action="store_true", help="print the traceback of an error")
+        if name in ("prune", "export", "eval", "inspect"):
+            p.add_argument(
+                "--trust-remote-code",
+                action="store_true",
+                help="let a model folder's own Python code (config.json auto_map) run; such a folder is refused "
+                "without it",
+            )
+        if name in ("prune", "export", "eval"):
+            p.add_argument(
+                "--no-memory-check",
+                action="store_true",
+                help="run even when the memory estimate is above what is available",
+            )
+
+
+def _reliability_checks(a, out) -> None:
+    """The checks of ``preflight`` for this command, then (with an output) its lock for the run."""
+    import torch
+
+    from . import _fs, preflight
+
+    preflight.check_numbers(a)
+    preflight.check_text_files(a)
+    if out is not None:
+        if Path(a.output).expanduser().is_symlink():
+            raise FileExistsError(f"output {str(a.output)!r} is a symbolic link; give the folder it should be instead")
+        check_destination(out, a.force, protect=preflight.inputs_of(a))
+        _fs.check_writable(out)
+    smap = preflight.read_sparsity_map(a.sparsity_map) if getattr(a, "sparsity_map", None) is not None else None
+    facts = preflight.model_facts(a.model, getattr(a, "trust_remote_code", False))
+    device = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_memory = not getattr(a, "no_memory_check", True)
+    weights = facts.weight_bytes or 0
+    if a.command == "prune":
+        lengths = {"--seqlen": a.seqlen}
+        if a.allocator.startswith("ecoflap") or a.remove_blocks:
+            lengths["--stage1-seqlen"] = a.stage1_seqlen
+        if a.eval:
+            lengths["--eval-seqlen"] = a.eval_seqlen
+        preflight.check_seqlens(facts, lengths)
+        if smap is not None and a.pattern == "unstructured":
+            preflight.check_map_names(facts, smap, a.sparsity_map)
+        parts = preflight.prune_estimate(facts, a, getattr(torch, DTYPES[a.dtype]), DTYPES[a.dtype])
+        if check_memory and parts is not None:
+            preflight.check_memory(facts, parts, device, "this run")
+        need = preflight.output_bytes(facts, a, a.export, a.save_model, a.export_dtype and DTYPES[a.export_dtype])
+        _fs.check_writable(out, need)
+    elif a.command == "eval":
+        preflight.check_seqlens(facts, {"--eval-seqlen": a.eval_seqlen})
+        if check_memory and facts.weight_bytes is not None:
+            vocab = facts.dim("vocab_size", default=32000)
+            parts = {"weights": weights * 2, "logits": 4 * a.eval_seqlen * vocab * 4 * 2}
+            parts["tokenizer and data"] = preflight.PROCESS_BASE
+            preflight.check_memory(facts, parts, device, "evaluation")
+    elif a.command == "export":
+        if check_memory and facts.weight_bytes is not None:  # the model, its export copy, one layer decoded back
+            parts = {"weights": weights * 2, "export copy": weights, "data": preflight.PROCESS_BASE}
+            preflight.check_memory(facts, parts, "cpu", "this export")
+        _fs.check_writable(out, preflight.output_bytes(facts, a, [a.format], False, a.dtype and DTYPES[a.dtype]))
+    if out is not None and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes and locks
+        stack = _SESSION.get("stack")
+        if stack is None:  # called outside main(): held until the process exits
+            import contextlib
+
+            stack = _SESSION["stack"] = contextlib.ExitStack()
+        stack.enter_context(_fs.output_lock(out))
+
+
+def _check_loaded_context(a, model) -> None:
+    """Sequence lengths against the context of a model whose files carry no config.json (GGUF)."""
+    from . import preflight
+
+    lengths = {"--eval-seqlen": a.eval_seqlen} if a.command == "eval" or getattr(a, "eval", False) else {}
+    if a.command == "prune":
+        lengths["--seqlen"] = a.seqlen
+    preflight.check_seqlens(preflight.ModelFacts(None, model.config.to_dict()), lengths)
+
+
+def _calibration_tokens(a) -> int:
+    from . import data
+
+    windows = [(a.nsamples, a.seqlen), (a.stage1_nsamples, a.stage1_seqlen)]
+    if getattr(a, "remove_blocks", None):
+        windows.append((a.depth_nsamples, a.stage1_seqlen))
+    return data.calibration_budget(*windows)
+
+
+def _parse(argv):
+    """The arguments; a Ctrl-C while the parser imports the engine is one line and exit 130, too."""
+    try:
+        return build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("ecoflap-fast: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _on_signal(signum, frame):
+    raise _Terminated(signum)
+
+
+def _begin_session(a) -> None:
+    """For one command: no prompt can read the terminal (stdin is /dev/null), SIGTERM/SIGHUP raise
+    so that cleanup runs, and the output locks taken by the checks are released at the end."""
+    import contextlib
+    import signal
+    import threading
+
+    _SESSION.clear()
+    _SESSION["stack"] = contextlib.ExitStack()
+    _SESSION["debug"] = getattr(a, "debug", False) or os.environ.get("ECOFLAP_DEBUG") == "1"
+    _SESSION["stdin"] = sys.stdin
+    sys.stdin = open(os.devnull)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                handlers[sig] = signal.signal(sig, _on_signal)
+    _SESSION["handlers"] = handlers
+
+
+def _end_session() -> None:
+    """Release the locks (a signal during these milliseconds is ignored: the command has ended)."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    ignored = {}
+    if main:
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                ignored[sig] = signal.signal(sig, signal.SIG_IGN)
+    stack = _SESSION.pop("stack", None)
+    try:
+        if stack is not None:
+            stack.close()
+    finally:
+        for sig, handler in ignored.items():
+            signal.signal(sig, handler)
+    for sig, handler in _SESSION.pop("handlers", {}).items():
+        signal.signal(sig, handler)
+    old = _SESSION.pop("stdin", None)
+    if old is not None:
+        sys.stdin.close()
+        sys.stdin = old
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError) and not text:
+        text = "out of memory"
+    return text or type(e).__name__
+
+
+def _print_traceback_if_debug(e: BaseException) -> None:
+    if _SESSION.get("debug"):
+        import traceback
+
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+
+
+def _uncaught(e: BaseException) -> int:
+    """Exit status and one line for what the user-error clause does not catch."""
+    import signal
+
+    _print_traceback_if_debug(e)
+    if isinstance(e, KeyboardInterrupt):
+        print("ecoflap-fast: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    if isinstance(e, _Terminated):
+        name = signal.Signals(e.signum).name
+        print(f"ecoflap-fast: stopped by {name}; no output was left half-written", file=sys.stderr)
+        return 128 + e.signum
+    if not isinstance(e, Exception):  # SystemExit, GeneratorExit: not ours to handle
+        raise e
+    if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # writing failed: disk full, quota, ...
+        print(f"ecoflap-fast: error: writing the output failed: {_one_line(e)}", file=sys.stderr)
+        return 2
+    import tempfile
+    import traceback
+
+    fd, log = tempfile.mkstemp(prefix="ecoflap-fast-internal-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"argv: {sys.argv}\n")
+        traceback.print_exception(type(e), e, e.__traceback__, file=f)
+    print(
+        f"ecoflap-fast: internal error: {type(e).__name__}: {_one_line(e)} -- this is a bug in ecoflap-fast, not "
+        f"in your input; please report it with the traceback saved in {log} (or rerun with --debug)",
+        file=sys.stderr,
+    )
+    return 70
+
+
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    a = _parse(argv)
+    _begin_session(a)
     if getattr(a, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
         if a.command == "prune":
+            from . import parallel
+
             rep = _prune(a)
+            if not parallel.is_main():
+                parallel.finish()
+                return 0
             t = rep["timings"]
             line = (
                 f"pruned {rep['model']} ({rep['allocator']} + {rep['pruner']}, {rep['pattern']}): "
@@ -538,6 +916,7 @@ def main(argv=None) -> int:
                 f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
                 f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png"
             )
+            parallel.finish()
         elif a.command == "bench":
             return _bench(a)
         elif a.command == "inspect":
@@ -559,9 +938,16 @@ def main(argv=None) -> int:
         NotImplementedError,
         ImportError,
         RuntimeError,
+        MemoryError,
+        OSError,
     ) as e:
-        print(f"ecoflap-fast: error: {e}", file=sys.stderr)
+        _print_traceback_if_debug(e)
+        print(f"ecoflap-fast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BaseException as e:  # Ctrl-C, SIGTERM/SIGHUP, and internal errors: one line each
+        return _uncaught(e)
+    finally:
+        _end_session()
     return 0
 
 

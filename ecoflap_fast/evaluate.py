@@ -10,25 +10,55 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import objectives, walk
+from . import objectives, parallel, walk
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True, desc="perplexity") -> float:
+def perplexity(
+    model, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True, desc="perplexity", plan=None
+) -> float:
     """exp(mean token cross-entropy) over equal-length token windows ``[n, seqlen]``: next-token for
-    causal LMs, the decoder's labels for encoder-decoder models (first half in, second half out)."""
+    causal LMs, the decoder's labels for encoder-decoder models (first half in, second half out).
+    ``plan`` of a streamed model: evaluated block by block, each block read once."""
     objective = objectives.for_model(model)
     if objective.kind not in ("causal-lm", "seq2seq"):
         raise ValueError(f"perplexity needs a language model; {type(model).__name__} is {objective.kind}")
+    batches = [objective.from_ids(c) for c in windows.split(batch_size)]
+    if parallel.active():  # every rank evaluates every world()-th batch; the sums are reduced
+        batches, _ = parallel.shard(batches)
+    if plan is not None and plan.loader is not None:
+        outputs = blockwise_outputs(model, plan, batches, progress=progress, desc=desc)
+    else:
+        outputs = (walk.forward(model, b) for b in tqdm(batches, desc=desc, disable=not progress, leave=False))
     total, count = 0.0, 0
-    for chunk in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
-        batch = objective.from_ids(chunk)
-        out = walk.forward(model, batch)
+    for batch, out in zip(batches, outputs):
         per = objective.per_sample(out, walk.to_device(batch, out.logits.device))
-        tokens = batch["labels"].shape[1] if objective.kind == "seq2seq" else chunk.shape[1] - 1
+        tokens = batch["labels"].shape[1] if objective.kind == "seq2seq" else batch["input_ids"].shape[1] - 1
         total += float(per.sum()) * tokens
-        count += tokens * chunk.shape[0]
+        count += tokens * per.shape[0]
+    total, count = parallel.all_reduce_floats(total, count)
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def blockwise_outputs(model, plan, batches: list[dict], *, progress: bool = True, desc: str = "evaluation"):
+    """The model's outputs on every batch, computed block-major (a single-stack model): every block is
+    held once for all batches, the last block runs inside the model's own forward for the remainder."""
+    if len(plan.stacks) != 1:
+        with walk.on_demand(plan):
+            return [walk.forward(model, b) for b in batches]
+    (stack,) = plan.stacks
+    inputs = walk.capture(model, stack, batches)
+    for block in tqdm(stack.blocks[:-1], desc=desc, disable=not progress, leave=False):
+        with walk.holding(block):
+            walk.advance(block, inputs)
+    last = stack.blocks[-1]
+    outs = []
+    with walk.holding(last):
+        for batch, inp in zip(batches, inputs):
+            with walk.starting_at(last, inp.hidden):
+                outs.append(walk.forward(model, batch))
+    return outs
 
 
 @torch.no_grad()

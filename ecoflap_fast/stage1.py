@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import objectives, walk
+from . import objectives, parallel, walk
 from .noise import noise_like, noise_seed
 
 
@@ -79,13 +79,16 @@ def zo_fd_scores(
     seed: int = 0,
     only: set[str] | None = None,
     progress: bool = True,
+    batch_ids: list[int] | None = None,
 ) -> dict[str, float]:
-    """Forward-only finite differences (cached block inputs, batched ± perturbations)."""
+    """Forward-only finite differences (cached block inputs, batched ± perturbations). ``batch_ids``:
+    the batches' indices in the whole calibration set (their noise seeds; data-parallel ranks)."""
     plan, objective, batches = _setup(model, batches, plan, objective)
+    ids = batch_ids or list(range(len(batches)))
     index = {name: i for i, name in enumerate(plan.matrices())}
     scores: dict[str, float] = defaultdict(float)
     prepared = objective.prepare(model, batches)
-    for b, batch in enumerate(prepared):
+    for b, batch in zip(ids, prepared):
         for stack in plan.stacks:
             (inp,) = walk.capture(model, stack, [objective.inputs(batch)])
             bar = tqdm(
@@ -116,7 +119,7 @@ def zo_fd_scores(
                     w.copy_(original)
                     scores[m.name] += abs(losses[0] - losses[1]) / (2 * eps)
                 walk.advance(block, [inp])
-    return dict(scores)
+    return parallel.all_reduce_scores(dict(scores)) if parallel.active() else dict(scores)
 
 
 def _shifted_differences(model, objective, block, batch, hidden, mats, index, seed, b, eps) -> list[float]:
@@ -151,9 +154,13 @@ def _shifted_differences(model, objective, block, batch, hidden, mats, index, se
     return [abs(float(losses[2 * j]) - float(losses[2 * j + 1])) / (2 * eps) for j in range(len(mats))]
 
 
-def _backward_pass(model, plan: walk.Plan, objective, batches, on_grad, progress: bool, desc: str) -> None:
+def _backward_pass(model, plan: walk.Plan, objective, batches, on_grad, progress: bool, desc: str, ids=None) -> None:
     """One backward per batch; ``on_grad(matrix, grad_view, batch_index)`` is called for every
-    prunable matrix as soon as its parameter's gradient is complete; the gradient is dropped after."""
+    prunable matrix as soon as its parameter's gradient is complete; the gradient is dropped after.
+    A streamed model goes block by block (:func:`_blockwise_backward`)."""
+    ids = ids or list(range(len(batches)))
+    if plan.loader is not None:
+        return _blockwise_backward(model, plan, objective, batches, on_grad, progress, desc, ids)
     by_param: dict[int, tuple[torch.Tensor, list[walk.Matrix]]] = {}
     for m in plan.matrices().values():
         by_param.setdefault(id(m.param), (m.param, []))[1].append(m)
@@ -173,13 +180,59 @@ def _backward_pass(model, plan: walk.Plan, objective, batches, on_grad, progress
                 p.grad = None
 
             handles.append(param.register_post_accumulate_grad_hook(hook))
-        for b, batch in enumerate(tqdm(prepared, desc=desc, disable=not progress, leave=False)):
+        for b, batch in zip(ids, tqdm(prepared, desc=desc, disable=not progress, leave=False)):
             state["batch"] = b
             with torch.enable_grad():
                 objective.loss(model, batch).backward()
     finally:
         for h in handles:
             h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+            p.grad = None
+
+
+def _blockwise_backward(model, plan: walk.Plan, objective, batches, on_grad, progress: bool, desc: str, ids) -> None:
+    """The same gradients, one block in memory at a time: the inputs of every block are stored on a
+    forward pass; then from the last block down, each block is read, its forward recomputed with its
+    matrices and its input requiring grad, and its output's gradient propagated (the last block's
+    forward runs the model's own remainder and loss). On CPU the gradients equal the whole-graph
+    backward's bit for bit (tests/test_stream.py)."""
+    (stack,) = plan.stacks
+    flags = {p: p.requires_grad for p in model.parameters()}
+    with walk.on_demand(plan):  # a representation loss needs the dense model's outputs first
+        prepared = objective.prepare(model, batches)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for b, batch in zip(ids, tqdm(prepared, desc=desc, disable=not progress, leave=False)):
+            (inp,) = walk.capture(model, stack, [objective.inputs(batch)])
+            hidden = []
+            with torch.no_grad():
+                for block in stack.blocks:
+                    hidden.append(inp.hidden)
+                    with walk.holding(block):
+                        inp.hidden = walk.run_block(block, inp)
+            grad_out = None
+            for block in reversed(stack.blocks):
+                with walk.holding(block):
+                    params = list({id(m.param): m.param for m in block.matrices}.values())
+                    for p in params:
+                        p.requires_grad_(True)
+                    x = hidden[block.index].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        if grad_out is None:  # the last block: the model's own remainder and loss
+                            with walk.starting_at(block, x):
+                                objective.loss(model, batch).backward()
+                        else:
+                            walk.run_block(block, inp, hidden=x).backward(grad_out)
+                    for m in block.matrices:
+                        on_grad(m, m.view_of(m.param.grad), b)
+                    for p in params:
+                        p.grad = None
+                        p.requires_grad_(False)
+                    grad_out = x.grad
+    finally:
         for p, f in flags.items():
             p.requires_grad_(f)
             p.grad = None
@@ -194,6 +247,7 @@ def zo_grad_scores(
     seed: int = 0,
     progress: bool = True,
     only: set[str] | None = None,
+    batch_ids: list[int] | None = None,
 ) -> dict[str, float]:
     """a_t = Σ_b |⟨z_tb, ∇_{W_t} L_b⟩| with the same z as the finite differences."""
     plan, objective, batches = _setup(model, batches, plan, objective)
@@ -205,8 +259,8 @@ def zo_grad_scores(
             z = noise_like(grad, noise_seed(seed, index[m.name], b))
             scores[m.name] += abs(float((z * grad.float()).sum()))
 
-    _backward_pass(model, plan, objective, batches, on_grad, progress, "stage 1 (zo, gradient estimator)")
-    return scores
+    _backward_pass(model, plan, objective, batches, on_grad, progress, "stage 1 (zo, gradient estimator)", batch_ids)
+    return parallel.all_reduce_scores(scores) if parallel.active() else scores
 
 
 def fo_scores(
@@ -217,6 +271,7 @@ def fo_scores(
     objective: objectives.Objective | None = None,
     metric: str = "wg",
     progress: bool = True,
+    batch_ids: list[int] | None = None,
 ) -> dict[str, float]:
     """First-order: ḡ = mean_b |g| element-wise; score Σ |W|·ḡ ('wg') or Σ ḡ ('g')."""
     plan, objective, batches = _setup(model, batches, plan, objective)
@@ -226,11 +281,13 @@ def fo_scores(
         g = grad.detach().float().abs()
         sums[m.name] = g if m.name not in sums else sums[m.name].add_(g)
 
-    _backward_pass(model, plan, objective, batches, on_grad, progress, "stage 1 (first order)")
+    _backward_pass(model, plan, objective, batches, on_grad, progress, "stage 1 (first order)", batch_ids)
+    sums = parallel.all_reduce_tensors(sums)
+    (n_batches,) = parallel.all_reduce_floats(len(batches))
     mats = plan.matrices()
     out = {}
     for name, g in sums.items():
-        gbar = g / len(batches)
+        gbar = g / n_batches
         out[name] = float((mats[name].weight().float().abs() * gbar).sum() if metric == "wg" else gbar.sum())
     return out
 
@@ -247,12 +304,13 @@ def tensor_scores(
     seed: int = 0,
     fo_metric: str = "wg",
     progress: bool = True,
+    batch_ids: list[int] | None = None,
 ) -> Stage1Result:
     t0 = time.perf_counter()
     plan, objective, batches = _setup(model, batches, plan, objective)
     was_training = model.training
     model.eval()
-    kw = dict(plan=plan, objective=objective, progress=progress)
+    kw = dict(plan=plan, objective=objective, progress=progress, batch_ids=batch_ids)
     try:
         if method == "zo" and estimator == "fd":
             scores = zo_fd_scores(model, batches, eps=eps, seed=seed, **kw)

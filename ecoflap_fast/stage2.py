@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from . import ops, walk
+from . import ops, parallel, walk
 from .sparsegpt import HessianAccumulator, sparsegpt_prune_
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
@@ -29,17 +29,23 @@ def sequential(
     stat=ops.ActNormAccumulator,
     desc: str = "stage 2",
     progress: bool = True,
+    after_block=None,
 ) -> None:
-    """``on_block(block, stats, tokens)`` for every block of every stack, in forward order."""
+    """``on_block(block, stats, tokens)`` for every block of every stack, in forward order; then
+    ``after_block(block)`` (e.g. writing a streamed block's pruned tensors) while it is still held."""
     was_training = model.training
     model.eval()
     try:
         for stack in plan.stacks:
             inputs = walk.capture(model, stack, batches)
             for block in tqdm(stack.blocks, desc=f"{desc} ({stack.name})", disable=not progress):
-                stats, tokens = walk.block_statistics(model, block, inputs, stat)
-                on_block(block, stats, tokens)
-                walk.advance(block, inputs)
+                with walk.holding(block):
+                    stats, tokens = walk.block_statistics(model, block, inputs, stat)
+                    parallel.all_reduce_stats(stats, tokens, block.matrices, stat, walk.model_device(block.module))
+                    on_block(block, stats, tokens)
+                    walk.advance(block, inputs)
+                    if after_block is not None:
+                        after_block(block)
     finally:
         model.train(was_training)
 

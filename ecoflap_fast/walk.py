@@ -130,6 +130,7 @@ class Stack:
     modules: nn.ModuleList = field(repr=False)
     blocks: list[Block] = field(default_factory=list, repr=False)
     stub_capture: bool = False
+    plan: Plan | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Plan:
     dense: list[DenseParam]
     notes: list[str] = field(default_factory=list)
     experts: dict[str, int] = field(default_factory=dict)  # fused parameter name -> number of experts
+    loader: object | None = field(default=None, repr=False)  # stream.BlockLoader of a streamed model
 
     @property
     def blocks(self) -> list[Block]:
@@ -259,6 +261,16 @@ def as_batches(calibration, batch_size: int, from_ids=None) -> list[dict]:
     if not out:
         raise ValueError("calibration is empty")
     return out
+
+
+def dry_batch(batch: dict) -> dict:
+    """The first sample of a batch for the dry forward, when every tensor in it is indexed by sample
+    along dim 0 (token batches); otherwise (packed image patches, grids) the batch as it is."""
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()]
+    sizes = {v.shape[0] for v in tensors}
+    if len(sizes) != 1 or sizes == {1}:
+        return batch
+    return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
 
 
 def _first(y):
@@ -417,8 +429,10 @@ def _module_class(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def plan(model: nn.Module, sample_batch: dict) -> Plan:
+def plan(model: nn.Module, sample_batch: dict, loader=None) -> Plan:
     """Discovery, one dry forward on ``sample_batch``, and the plan; nothing in the model changes.
+    ``loader`` (a ``stream.BlockLoader``): the model is a streamed skeleton whose blocks are read on
+    their call.
 
     Raises :class:`WalkError` naming the model class and what was not understood.
     """
@@ -465,7 +479,9 @@ def plan(model: nn.Module, sample_batch: dict) -> Plan:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _eager_experts(model), _ExpertCalls(fused, on_expert):
+        paths = [f"{path}.{i}" for path, ml in lists for i in range(len(ml))]
+        demand = loader.on_demand(paths) if loader is not None else contextlib.nullcontext()
+        with torch.no_grad(), _eager_experts(model), _ExpertCalls(fused, on_expert), demand:
             forward(model, sample_batch)
     except WalkError:
         raise
@@ -533,8 +549,10 @@ def plan(model: nn.Module, sample_batch: dict) -> Plan:
             if d.name.startswith(p + "."):
                 d.reason = "stack not run"
     if stacks:
-        _decide_capture(model, stacks, sample_batch, records)
-    result = Plan(cls, stacks, dense, notes, experts)
+        _decide_capture(model, stacks, sample_batch, records, loader)
+    result = Plan(cls, stacks, dense, notes, experts, loader)
+    for stack in stacks:
+        stack.plan = result
     total = result.block_matrix_numel
     untouched = 1 - result.coverage() if total else 1.0
     if untouched > MAX_UNTOUCHED:
@@ -655,13 +673,13 @@ def _same(a, b) -> bool:
     return a == b if not callable(a) else a is b
 
 
-def _decide_capture(model, stacks: list[Stack], batch: dict, records: dict) -> None:
+def _decide_capture(model, stacks: list[Stack], batch: dict, records: dict, loader=None) -> None:
     """A stack is captured with identity stubs when a dry forward with its blocks stubbed (the hidden
     states back, Nones for anything else a block returns) gives every block the same arguments as
     the real forward did; otherwise its blocks run for real while capturing."""
     for stack in stacks:
         try:
-            got = _capture_calls(model, stack, [batch], stub=True)[0]
+            got = _capture_calls(model, stack, [batch], stub=True, loader=loader, stacks=stacks)[0]
         except Exception:
             continue  # the model's code needs what the blocks return beside the hidden states
         stack.stub_capture = all(
@@ -722,15 +740,20 @@ def starting_at(block: Block, hidden: torch.Tensor):
         return args, dict(kwargs, hidden_states=hidden)
 
     handle = block.module.register_forward_pre_hook(feed, with_kwargs=True)
-    skip = block.stack.blocks[: block.index] if block.stack.stub_capture else []
+    earlier = block.stack.blocks[: block.index]
+    skip = earlier if block.stack.stub_capture else []
+    plan_ = block.stack.plan
+    demand = on_demand(plan_, [b for b in plan_.blocks if b not in skip]) if plan_ is not None else None
     try:
-        with skipped(skip):
+        with skipped(skip), demand if demand is not None else contextlib.nullcontext():
             yield
     finally:
         handle.remove()
 
 
-def _capture_calls(model, stack: Stack, batches: list[dict], *, stub: bool) -> list[StackInputs]:
+def _capture_calls(
+    model, stack: Stack, batches: list[dict], *, stub: bool, loader=None, stacks=None
+) -> list[StackInputs]:
     out: list[StackInputs] = []
     last = len(stack.blocks) - 1
     state: dict = {}
@@ -748,7 +771,9 @@ def _capture_calls(model, stack: Stack, batches: list[dict], *, stub: bool) -> l
         for b in stack.blocks
     ]
     try:
-        with skipped(stack.blocks[:-1] if stub else []), torch.no_grad():
+        running = [b.path for s in stacks or [] for b in s.blocks if s is not stack or not stub]
+        demand = loader.on_demand(running) if loader is not None else contextlib.nullcontext()
+        with skipped(stack.blocks[:-1] if stub else []), torch.no_grad(), demand:
             for batch in batches:
                 state.clear()
                 state["calls"] = [None] * len(stack.blocks)
@@ -771,9 +796,37 @@ def capture(model: nn.Module, stack: Stack, batches: list[dict]) -> list[StackIn
     was = model.training
     model.eval()
     try:
-        return _capture_calls(model, stack, batches, stub=stack.stub_capture)
+        plan_ = stack.plan
+        return _capture_calls(
+            model,
+            stack,
+            batches,
+            stub=stack.stub_capture,
+            loader=plan_.loader if plan_ is not None else None,
+            stacks=plan_.stacks if plan_ is not None else [stack],
+        )
     finally:
         model.train(was)
+
+
+def on_demand(plan_: Plan, blocks: list[Block] | None = None):
+    """Within: a streamed model's blocks (all, or ``blocks``) are read on their call and freed after;
+    nothing for a model in memory."""
+    if plan_.loader is None:
+        return contextlib.nullcontext()
+    return plan_.loader.on_demand([b.path for b in (blocks if blocks is not None else plan_.blocks)])
+
+
+@contextlib.contextmanager
+def holding(block: Block):
+    """Within: ``block``'s weights are in memory (read from the checkpoint for a streamed model and
+    freed at the end)."""
+    loader = block.stack.plan.loader if block.stack.plan is not None else None
+    if loader is None:
+        yield
+        return
+    with loader.hold(block.path):
+        yield
 
 
 def run_block(block: Block, inp: StackInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
