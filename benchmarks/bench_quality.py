@@ -1,10 +1,16 @@
-"""Held-out perplexity of the default model pruned with each allocator at several sparsities.
+"""Held-out quality of real models pruned with each allocator at several sparsities, over seeds.
 
-    python benchmarks/bench_quality.py --sparsities 0.5 0.6 0.7
+    python benchmarks/bench_quality.py --models default --sparsities 0.5 0.6 0.7 --seeds 0 1 2 3
+    python benchmarks/bench_quality.py --models qwen2.5-coder-0.5b --dtype bfloat16
+    python benchmarks/bench_quality.py --models all-minilm-l6-v2 all-mpnet-base-v2
 
-Same calibration data for every method: 32 windows x 256 tokens for stage 2 (and OWL), 2 batches of
-4 x 128 tokens for ECoFLaP's stage 1; perplexity on the first 16 non-overlapping 512-token windows of
-the held-out articles. Appends rows to benchmarks/results/quality_cpu.csv and writes a plot.
+Same calibration for every method of a seed: 32 windows x 256 tokens for stage 2 and OWL (x 128 for
+encoders), 8 windows x 128 tokens for ECoFLaP's stage 1, drawn from the calibration split with the
+seed; Wanda is the local pruner; ECoFLaP with m = s + 0.1 and block groups. Quality: held-out
+perplexity on the first 16 non-overlapping 512-token windows (language models), or the cosine of
+mean-pooled sentence embeddings with the dense model's on 64 held-out windows of 128 tokens
+(encoders). Appends rows to benchmarks/results/quality_cpu.csv (shape "<model> s=<sparsity>
+seed=<seed>"); the stage-1 split-half agreement and timings are recorded beside the quality.
 """
 
 from __future__ import annotations
@@ -17,70 +23,104 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
 from benchmarks import RESULTS_DIR  # noqa: E402
-from benchmarks.report import quality_plot  # noqa: E402
-from ecoflap_fast import data, evaluate, models  # noqa: E402
-from ecoflap_fast.bench.harness import Results, read_results  # noqa: E402
+from ecoflap_fast import data, evaluate, models, objectives  # noqa: E402
+from ecoflap_fast.bench.harness import Results  # noqa: E402
 from ecoflap_fast.prune import PruneConfig, prune_  # noqa: E402
 
 METHODS = ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]
 
 
+def _quality_fn(model, tok, kind: str, held: list[str]):
+    """(name, unit, measure(model) -> float): perplexity for language models, embedding cosine with
+    the dense model (computed now, before any pruning) for encoders."""
+    if kind in ("causal-lm", "seq2seq"):
+        windows = data.eval_windows(data.tokenize(tok, held[:1500]), 512, 16)
+        return "ppl", "ppl", lambda m: evaluate.perplexity(m, windows, progress=False)
+    windows = data.eval_windows(data.tokenize(tok, held[:1500]), 128, 64)
+    batches = [{"input_ids": w} for w in windows.split(8)]
+    dense = evaluate.sentence_embeddings(model, batches)
+    return "embedding_cosine", "cos", lambda m: evaluate.embedding_cosine(m, batches, dense)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["default"])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--seed-methods",
+        nargs="+",
+        default=None,
+        choices=METHODS,
+        help="methods run for every seed (default: all); the others run with the first seed only",
+    )
     p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--zo-estimator", default="grad", choices=["grad", "fd"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=None, help="stage-2 window length (default 256; 128 for encoders)")
+    p.add_argument("--zo-estimator", default="expected", choices=["expected", "grad", "fd"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "quality_cpu.csv")
     a = p.parse_args(argv)
-    torch.manual_seed(a.seed)
-    base, tok = models.load_model("default")
-    calib, held = data.split(data.wiki_articles())
-    tokens = data.tokenize(tok, calib)
-    calibration = data.calibration_windows(tokens, a.nsamples, a.seqlen, a.seed)
-    stage1 = data.calibration_windows(tokens, 8, 128, a.seed + 1)
-    windows = data.eval_windows(data.tokenize(tok, held), 512, 16)
-    res = Results("quality", "cpu")
-    t = time.perf_counter()
-    dense = evaluate.perplexity(base, windows, progress=False)
-    res.add("perplexity", "dense", "0", "float32", "ppl", "ppl", dense)
-    print(f"dense perplexity {dense:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
-    for s in a.sparsities:
-        for method in a.methods:
-            model = copy.deepcopy(base)
-            cfg = PruneConfig(
-                sparsity=s,
-                allocator=method,
-                nsamples=a.nsamples,
-                seqlen=a.seqlen,
-                seed=a.seed,
-                zo_estimator=a.zo_estimator,
-                progress=False,
-            )
-            t = time.perf_counter()
-            rep = prune_(model, calibration, cfg, stage1_calibration=stage1)
-            ppl = evaluate.perplexity(model, windows, progress=False)
-            res.add("perplexity", method, f"{s}", "float32", "ppl", "ppl", ppl)
-            res.add("achieved_sparsity", method, f"{s}", "float32", "sparsity", "ratio", rep["achieved_sparsity"])
-            res.add("stage1_time", method, f"{s}", "float32", "time", "s", rep["timings"]["stage1_s"])
-            res.add("stage2_time", method, f"{s}", "float32", "time", "s", rep["timings"]["stage2_s"])
-            print(
-                f"sparsity {s:.2f} {method:11s} ppl {ppl:9.2f} achieved {rep['achieved_sparsity']:.4f} "
-                f"stage1 {rep['timings']['stage1_s']:.1f}s stage2 {rep['timings']['stage2_s']:.1f}s "
-                f"({time.perf_counter() - t:.0f}s)",
-                flush=True,
-            )
-            del model
-    res.write(a.out)
-    quality_plot(read_results(a.out), a.out.with_suffix(".png"))
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    dtype = getattr(torch, a.dtype)
+    calib_texts, held_texts = data.split(data.wiki_articles())
+    for name in a.models:
+        base, tok = models.load_model(name, dtype=dtype)
+        kind = objectives.for_model(base).kind
+        seqlen = a.seqlen or (256 if kind in ("causal-lm", "seq2seq") else 128)
+        metric, unit, measure = _quality_fn(base, tok, kind, held_texts)
+        tokens = data.tokenize(tok, calib_texts, max_tokens=4_000_000)
+        res = Results("quality", "cpu")
+        t = time.perf_counter()
+        dense = measure(base)
+        res.add(metric, "dense", f"{name} s=0 seed=0", a.dtype, metric, unit, dense)
+        print(f"{name}: dense {metric} {dense:.4f} ({time.perf_counter() - t:.0f}s)", flush=True)
+        res.write(a.out)
+        for seed in a.seeds:
+            calibration = data.calibration_windows(tokens, a.nsamples, seqlen, seed)
+            stage1 = data.calibration_windows(tokens, 8, 128, seed + 1)
+            for s in a.sparsities:
+                for method in a.methods:
+                    if seed != a.seeds[0] and a.seed_methods is not None and method not in a.seed_methods:
+                        continue
+                    res = Results("quality", "cpu")
+                    model = copy.deepcopy(base)
+                    cfg = PruneConfig(
+                        sparsity=s,
+                        allocator=method,
+                        nsamples=a.nsamples,
+                        seqlen=seqlen,
+                        seed=seed,
+                        zo_estimator=a.zo_estimator,
+                        progress=False,
+                    )
+                    t = time.perf_counter()
+                    rep = prune_(model, calibration, cfg, stage1_calibration=stage1)
+                    q = measure(model)
+                    shape = f"{name} s={s} seed={seed}"
+                    res.add(metric, method, shape, a.dtype, metric, unit, q)
+                    res.add("achieved_sparsity", method, shape, a.dtype, "sparsity", "ratio", rep["achieved_sparsity"])
+                    res.add("stage1_time", method, shape, a.dtype, "time", "s", rep["timings"]["stage1_s"])
+                    res.add("stage2_time", method, shape, a.dtype, "time", "s", rep["timings"]["stage2_s"])
+                    half = rep["stage1"].get("split_half_spearman")
+                    if half is not None:
+                        res.add("split_half_spearman", method, shape, a.dtype, "spearman", "rho", half)
+                    print(
+                        f"{name} seed {seed} sparsity {s:.2f} {method:11s} {metric} {q:10.4f} achieved "
+                        f"{rep['achieved_sparsity']:.4f} stage1 {rep['timings']['stage1_s']:.1f}s stage2 "
+                        f"{rep['timings']['stage2_s']:.1f}s"
+                        + (f" split-half rho {half:.3f}" if half is not None else "")
+                        + f" ({time.perf_counter() - t:.0f}s)",
+                        flush=True,
+                    )
+                    res.write(a.out)
+                    del model
+        del base
     return 0
 
 

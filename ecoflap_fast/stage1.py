@@ -19,6 +19,7 @@ First-order score (``fo``): mean over batches of |g| element-wise, importance |W
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class Stage1Result:
     method: str
     seconds: float
     loss: str = ""
+    batch_scores: dict[int, dict[str, float]] | None = None  # per calibration batch (zeroth-order estimators)
 
 
 def _setup(model, batches, plan, objective):
@@ -248,19 +250,57 @@ def zo_grad_scores(
     progress: bool = True,
     only: set[str] | None = None,
     batch_ids: list[int] | None = None,
+    draws: int = 1,
+    expected: bool = False,
+    per_batch: dict | None = None,
 ) -> dict[str, float]:
-    """a_t = Σ_b |⟨z_tb, ∇_{W_t} L_b⟩| with the same z as the finite differences."""
+    """a_t = Σ_b |⟨z_tb, ∇_{W_t} L_b⟩| with the same z as the finite differences.
+
+    ``draws`` > 1 averages that many independent z per (matrix, batch) from the one gradient (the
+    first draw is the finite differences' z). ``expected``: the noise-free limit of that average,
+    E_z |⟨z, g⟩| = sqrt(2/π) ‖g‖_F for z ~ N(0, I), exact and seed-free. ``per_batch`` (a dict) gets
+    every batch's terms, ``per_batch[b][name]``."""
     plan, objective, batches = _setup(model, batches, plan, objective)
     index = {name: i for i, name in enumerate(plan.matrices())}
     scores = {n: 0.0 for n in index if only is None or n in only}
+    terms: dict[int, dict[str, float]] = per_batch if per_batch is not None else {}
 
     def on_grad(m, grad, b):
-        if m.name in scores:
-            z = noise_like(grad, noise_seed(seed, index[m.name], b))
-            scores[m.name] += abs(float((z * grad.float()).sum()))
+        if m.name not in scores:
+            return
+        g = grad.float()
+        if expected:
+            v = math.sqrt(2 / math.pi) * float(g.norm())
+        else:
+            v = 0.0
+            for k in range(draws):
+                z = noise_like(g, noise_seed(seed + 7919 * k, index[m.name], b))
+                v += abs(float((z * g).sum()))
+            v /= draws
+        scores[m.name] += v
+        terms.setdefault(b, {})[m.name] = v
 
-    _backward_pass(model, plan, objective, batches, on_grad, progress, "stage 1 (zo, gradient estimator)", batch_ids)
-    return parallel.all_reduce_scores(scores) if parallel.active() else scores
+    desc = "stage 1 (zo, " + ("expectation over z)" if expected else f"gradient estimator, {draws} draw(s))")
+    _backward_pass(model, plan, objective, batches, on_grad, progress, desc, batch_ids)
+    if parallel.active():
+        _reduce_terms(terms, list(index))
+        return parallel.all_reduce_scores(scores)
+    return scores
+
+
+def _reduce_terms(terms: dict, names: list[str]) -> None:
+    """Every rank's per-batch terms on every rank, in place (each batch was scored by one rank; the
+    global batch ids are 0..N-1 with N the number of batches over all ranks)."""
+    (total,) = parallel.all_reduce_floats(len(terms))
+    table = torch.zeros(int(total), len(names), dtype=torch.float64)
+    col = {n: j for j, n in enumerate(names)}
+    for b, row in terms.items():
+        for n, v in row.items():
+            table[b, col[n]] = v
+    table = parallel.all_reduce_tensors({"t": table})["t"]
+    terms.clear()
+    for b in range(table.shape[0]):
+        terms[b] = {n: float(table[b, j]) for n, j in col.items()}
 
 
 def fo_scores(
@@ -305,8 +345,13 @@ def tensor_scores(
     fo_metric: str = "wg",
     progress: bool = True,
     batch_ids: list[int] | None = None,
+    draws: int = 1,
 ) -> Stage1Result:
+    """Every prunable matrix's stage-1 score. ``method`` "zo" with ``estimator`` "expected" (the
+    noise-free expectation of the zeroth-order estimate), "grad" (``draws`` noise draws from one
+    backward per batch) or "fd" (forward-only finite differences); "fo": first order."""
     t0 = time.perf_counter()
+    per_batch: dict[int, dict[str, float]] = {}
     plan, objective, batches = _setup(model, batches, plan, objective)
     was_training = model.training
     model.eval()
@@ -315,13 +360,16 @@ def tensor_scores(
         if method == "zo" and estimator == "fd":
             scores = zo_fd_scores(model, batches, eps=eps, seed=seed, **kw)
             label = "zeroth-order, finite differences (forward only)"
+        elif method == "zo" and estimator == "expected":
+            scores = zo_grad_scores(model, batches, seed=seed, expected=True, per_batch=per_batch, **kw)
+            label = "zeroth-order, expectation over the noise: sqrt(2/pi) |grad L| per batch (no draw)"
         elif method == "zo":
-            scores = zo_grad_scores(model, batches, seed=seed, **kw)
-            label = "zeroth-order, gradient estimator <z, grad L>"
+            scores = zo_grad_scores(model, batches, seed=seed, draws=draws, per_batch=per_batch, **kw)
+            label = f"zeroth-order, gradient estimator <z, grad L>, {draws} draw(s) per tensor and batch"
         elif method == "fo":
             scores, label = fo_scores(model, batches, metric=fo_metric, **kw), f"first-order ({fo_metric})"
         else:
             raise ValueError(f"unknown stage-1 method {method!r}")
     finally:
         model.train(was_training)
-    return Stage1Result(scores, label, time.perf_counter() - t0, objective.description)
+    return Stage1Result(scores, label, time.perf_counter() - t0, objective.description, per_batch or None)

@@ -152,6 +152,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     experts: dict[str, int] = field(default_factory=dict)  # fused parameter name -> number of experts
     loader: object | None = field(default=None, repr=False)  # stream.BlockLoader of a streamed model
+    unselected: list[Stack] = field(default_factory=list, repr=False)  # towers left dense (select_towers)
 
     @property
     def blocks(self) -> list[Block]:
@@ -201,6 +202,7 @@ class Plan:
             "block_matrix_numel": self.block_matrix_numel,
             "coverage_of_block_matrices": self.coverage(),
             "experts": dict(self.experts),
+            "towers_left_dense": [{"name": s.name, "path": s.path} for s in self.unselected],
             "dense": {r: {"numel": numel_by_reason[r], "names": names} for r, names in sorted(by_reason.items())},
             "notes": list(self.notes),
         }
@@ -225,6 +227,14 @@ def _accepts(model: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def takes_argument(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` names ``name`` among its parameters (``**kwargs`` does not count)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def forward(model: nn.Module, batch: dict, **extra):
@@ -407,22 +417,37 @@ def _candidate_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 def _stack_name(path: str, model: nn.Module) -> str:
-    """A short tower name from the list's path: vision, qformer, text/language, encoder, decoder."""
+    """A short tower name from the list's path and the model's kind: vision, qformer, text (the text
+    encoder of a dual encoder), language (a generative model's language model), encoder, decoder."""
     p = path.lower()
+    generative = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+    images_only = takes_argument(model, "pixel_values") and not takes_argument(model, "input_ids")
     for key, name in (
         ("qformer", "qformer"),
         ("vision", "vision"),
         ("visual", "vision"),
         ("image", "vision"),
-        ("text_model", "text"),
-        ("text", "text"),
-        ("encoder", "encoder"),
+        ("language", "language"),
+        ("text_model", "language" if generative else "text"),
+        ("text", "language" if generative else "text"),
+        ("encoder", "vision" if images_only else "encoder"),
         ("decoder", "decoder"),
     ):
         if key in p:
             return name
+    if images_only:
+        return "vision"
     cfg = getattr(model, "config", None)
-    return "language" if getattr(cfg, "is_decoder", False) or hasattr(model, "lm_head") else "main"
+    return "language" if getattr(cfg, "is_decoder", False) or hasattr(model, "lm_head") or generative else "main"
+
+
+def _unique_names(stacks: list[Stack]) -> None:
+    """Stack names are tower names users pick (``PruneConfig.towers``): a repeated name gets -2, -3..."""
+    seen: dict[str, int] = defaultdict(int)
+    for s in stacks:
+        seen[s.name] += 1
+        if seen[s.name] > 1:
+            s.name = f"{s.name}-{seen[s.name]}"
 
 
 def _module_class(model: nn.Module) -> str:
@@ -533,6 +558,7 @@ def plan(model: nn.Module, sample_batch: dict, loader=None) -> Plan:
             out_len = None if isinstance(output, torch.Tensor) else len(output)
             stack.blocks.append(Block(stack, i, f"{path}.{i}", ml[i], output_len=out_len))
         stacks.append(stack)
+    _unique_names(stacks)
     never = [p for p, _ in lists if p not in order]
     for p in never:
         notes.append(f"{p} ({len(modules[p])} blocks) was not run by the calibration inputs and stays dense")
@@ -565,6 +591,32 @@ def plan(model: nn.Module, sample_batch: dict, loader=None) -> Plan:
     return result
 
 
+def select_towers(plan_: Plan, names) -> Plan:
+    """The plan restricted to the stacks named ``names`` (tower names, ``Stack.name``); the other
+    stacks stay dense: their matrices join :attr:`Plan.dense` and :attr:`Plan.unselected` lists them.
+    The model's forward still runs them (dense) to feed the selected towers. ``names`` None: all."""
+    if names is None:
+        return plan_
+    known = [s.name for s in plan_.stacks]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WalkError(
+            f"{plan_.model_class}: no tower named {', '.join(map(repr, unknown))}; its towers are {', '.join(known)}"
+        )
+    chosen = [s for s in plan_.stacks if s.name in names]
+    left = [s for s in plan_.stacks if s.name not in names]
+    dense = list(plan_.dense) + [
+        DenseParam(m.param_name, m.param.numel(), "tower not selected", True)
+        for s in left
+        for b in s.blocks
+        for m in b.matrices
+        if m.expert in (None, 0)  # a fused parameter once
+    ]
+    notes = list(plan_.notes) + [f"{s.path} ({s.name}) is not selected and stays dense" for s in left]
+    experts = {k: v for k, v in plan_.experts.items() if not any(k.startswith(f"{s.path}.") for s in left)}
+    return Plan(plan_.model_class, chosen, dense, notes, experts, plan_.loader, left)
+
+
 def structure(model: nn.Module) -> Plan:
     """The plan without a forward (exports, reports of saved models): stacks in module order, fused
     3-D parameters taken as experts stored as the module declares (``is_transposed``)."""
@@ -579,6 +631,7 @@ def structure(model: nn.Module) -> Plan:
             _block_matrices(block, None, experts, matrix_params)
             stack.blocks.append(block)
         stacks.append(stack)
+    _unique_names(stacks)
     dense = _dense_params(model, lists, [b for s in stacks for b in s.blocks], matrix_params)
     return Plan(_module_class(model), stacks, dense, [], experts)
 

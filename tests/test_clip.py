@@ -12,7 +12,7 @@ from ecoflap_fast.prune import PruneConfig, prune_
 def batches():
     image_processor, tokenizer = clip_processors()
     calib, held = data.image_text_pairs()
-    assert len(calib) == 15 and len(held) == 6
+    assert len(calib) == 19 and len(held) == 7
     return (
         data.clip_batches(calib, image_processor, tokenizer, batch_size=8),
         data.clip_batches(held, image_processor, tokenizer, batch_size=8),
