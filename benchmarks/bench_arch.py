@@ -28,10 +28,25 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from arch_zoo import ALL_NAMES, B, block_lists, build  # noqa: E402
 from naive_reference import block_zero_fraction, mask_agreement, naive_wanda_  # noqa: E402
+from vlm_zoo import VLM_NAMES, build_vlm  # noqa: E402
+from vlm_zoo import block_lists as vlm_block_lists  # noqa: E402
 
 from benchmarks import RESULTS_DIR  # noqa: E402
 from ecoflap_fast import PruneConfig, prune_  # noqa: E402
 from ecoflap_fast.bench.harness import Results  # noqa: E402
+
+NAMES = ALL_NAMES + VLM_NAMES  # language models, then vision(-language) models (embedded image-caption pairs)
+
+
+def _build(name):
+    if name in VLM_NAMES:
+        model, _, batches = build_vlm(name)
+        return model, batches
+    return build(name)
+
+
+def _blocks(name):
+    return vlm_block_lists(name) if name in VLM_NAMES else block_lists(name)
 
 
 def _timed(fn):
@@ -42,7 +57,7 @@ def _timed(fn):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--names", nargs="+", default=ALL_NAMES, choices=ALL_NAMES)
+    p.add_argument("--names", nargs="+", default=NAMES, choices=NAMES)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "arch_cpu.csv")
@@ -51,12 +66,12 @@ def main(argv=None) -> int:
     res = Results("arch", "cpu")
     s = a.sparsity
     for name in a.names:
-        engine, batches = build(name)
-        naive, _ = build(name)
-        zo, _ = build(name)
+        engine, batches = _build(name)
+        naive, _ = _build(name)
+        zo, _ = _build(name)
         cfg = dict(sparsity=s, batch_size=B, progress=False)
         rep, t_engine = _timed(lambda: prune_(engine, batches, PruneConfig(allocator="uniform", **cfg)))
-        oracle, t_naive = _timed(lambda: naive_wanda_(naive, batches, s, block_lists(name)))
+        oracle, t_naive = _timed(lambda: naive_wanda_(naive, batches, s, _blocks(name)))
         rep_zo, t_zo = _timed(
             lambda: prune_(zo, batches, PruneConfig(allocator="ecoflap-zo", **cfg), stage1_calibration=batches[:2])
         )
@@ -70,8 +85,8 @@ def main(argv=None) -> int:
             "coverage": plan["coverage_of_block_matrices"],
             "agreement_min": min(agree.values()),
             "agreement_mean": sum(agree.values()) / len(agree),
-            "zeros_uniform": block_zero_fraction(engine, block_lists(name)),
-            "zeros_ecoflap_zo": block_zero_fraction(zo, block_lists(name)),
+            "zeros_uniform": block_zero_fraction(engine, _blocks(name)),
+            "zeros_ecoflap_zo": block_zero_fraction(zo, _blocks(name)),
             "time_uniform_s": t_engine,
             "time_naive_s": t_naive,
             "time_ecoflap_zo_s": t_zo,

@@ -651,13 +651,13 @@ def _inspect(a) -> str:
     _reliability_checks(a, None)
     model, tok = models.load_model(a.model, trust_remote_code=a.trust_remote_code)
     objective = objectives.for_model(model)
-    if objective.kind == "contrastive":
+    if objective.kind in VISION_KINDS:
         from . import data
 
         if tok is None:
-            raise ValueError(f"{a.model} has no image processor and tokenizer to build a dry-run batch")
-        calib, _ = data.image_text_pairs()
-        batch = data.clip_batches(calib[:2], *tok, batch_size=2)[0]
+            raise ValueError(f"{a.model} has no processor files to build a dry-run batch of image-caption pairs")
+        calib, _ = data.image_caption_pairs()
+        batch = data.vlm_batches(calib[:2], tok, model, batch_size=2)[0]
     else:
         batch = objective.from_ids(torch.randint(0, min(1000, model.get_input_embeddings().num_embeddings), (1, 16)))
     plan = walk.plan(model, batch)
