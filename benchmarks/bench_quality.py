@@ -5,7 +5,7 @@
     python benchmarks/bench_quality.py --models all-minilm-l6-v2 all-mpnet-base-v2
 
 Same calibration for every method of a seed: 32 windows x 256 tokens for stage 2 and OWL (x 128 for
-encoders), 8 windows x 128 tokens for ECoFLaP's stage 1, drawn from the calibration split with the
+encoders), 4 windows x 128 tokens (2 batches) for ECoFLaP's stage 1, drawn from the calibration split with the
 seed; Wanda is the local pruner; ECoFLaP with m = s + 0.1 and block groups. Quality: held-out
 perplexity on the first 16 non-overlapping 512-token windows (language models), or the cosine of
 mean-pooled sentence embeddings with the dense model's on 64 held-out windows of 128 tokens
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from benchmarks import RESULTS_DIR  # noqa: E402
 from ecoflap_fast import data, evaluate, models, objectives  # noqa: E402
 from ecoflap_fast.bench.harness import Results  # noqa: E402
-from ecoflap_fast.prune import PruneConfig, prune_  # noqa: E402
+from ecoflap_fast.prune import STAGE1_WINDOWS, PruneConfig, prune_  # noqa: E402
 
 METHODS = ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         res.write(a.out)
         for seed in a.seeds:
             calibration = data.calibration_windows(tokens, a.nsamples, seqlen, seed)
-            stage1 = data.calibration_windows(tokens, 8, 128, seed + 1)
+            stage1 = data.calibration_windows(tokens, STAGE1_WINDOWS, 128, seed + 1)
             for s in a.sparsities:
                 for method in a.methods:
                     if seed != a.seeds[0] and a.seed_methods is not None and method not in a.seed_methods:

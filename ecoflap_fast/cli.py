@@ -43,7 +43,12 @@ def _towers(text: str) -> tuple[str, ...]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="Hugging Face folder, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *sorted(DTYPES)],
+        help="compute dtype (default auto: bf16 where the device multiplies bf16 natively, else fp32)",
+    )
     p.add_argument("--eval-text", nargs="+", default=None, help="held-out text file(s) instead of the wiki split")
     p.add_argument("--eval-windows", type=int, default=16, help="number of evaluation windows")
     p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
@@ -92,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "per batch), 'grad' <z, grad L> with --zo-draws noise draws, or 'fd' forward-only finite differences",
     )
     p.add_argument("--zo-draws", type=int, default=1, help="noise draws per tensor and batch of --zo-estimator grad")
-    p.add_argument("--stage1-nsamples", type=int, default=8, help="stage-1 calibration windows (CPU default 8)")
+    p.add_argument(
+        "--stage1-nsamples", type=int, default=4, help="stage-1 calibration windows (default 4, in 2 batches)"
+    )
     p.add_argument("--stage1-seqlen", type=int, default=128)
     p.add_argument("--eps", type=float, default=1e-3, help="zeroth-order perturbation size")
     p.add_argument("--group", default="block", choices=["block", "tensor"])
@@ -354,6 +361,7 @@ def _prune(a) -> dict:
         "cosine_pruned": q_pruned if metric == "embedding_cosine" else None,
         "device": device,
         "dtype": DTYPES[a.dtype],
+        "dtype_reason": getattr(a, "dtype_reason", "asked for"),
         "eval_windows": a.eval_windows if a.eval else None,
         "eval_seqlen": a.eval_seqlen if a.eval else None,
         "streamed": streamed,
@@ -859,10 +867,18 @@ def _calibration_tokens(a) -> int:
 def _parse(argv):
     """The arguments; a Ctrl-C while the parser imports the engine is one line and exit 130, too."""
     try:
-        return build_parser().parse_args(argv)
+        a = build_parser().parse_args(argv)
     except KeyboardInterrupt:
         print("ecoflap-fast: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    if a.command in ("prune", "eval") and a.dtype == "auto":
+        import torch
+
+        from . import precision
+
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        a.dtype, a.dtype_reason = precision.resolve("auto", device)
+    return a
 
 
 def _on_signal(signum, frame):
@@ -1017,10 +1033,7 @@ def main(argv=None) -> int:
                     f"depth: removed blocks {d['removed_blocks']} of {d['blocks_before']} ({d['scorer']} scorer, "
                     f"{d['seconds']:.1f}s); {d['blocks_after']} blocks left"
                 )
-            print(
-                f"stage 1: {rep['stage1']['method']}"
-                + (f" (fallback: {rep['stage1']['fallback']})" if rep["stage1"].get("fallback") else "")
-            )
+            print(f"stage 1: {rep['stage1'].get('decision') or rep['stage1']['method']}")
             print(
                 f"time: stage1 {t['stage1_s']:.1f}s, stage2 {t['stage2_s']:.1f}s, eval {t['eval_s']:.1f}s, "
                 f"total {t['total_s']:.1f}s; wrote {a.output}/report.json and sparsity.png"

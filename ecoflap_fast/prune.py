@@ -229,7 +229,31 @@ def allocate(
         "tensor_scores": res.tensor_scores,
         "fallback": alloc.fallback,
     }
+    info["decision"] = _decision(res, len(stage1_batches), halves, alloc, config)
     return {n: per_group[_group_of(m, config.group)] for n, m in mats.items()}, info
+
+
+AGREEMENT_WARN = 0.5  # split-half Spearman below which the report warns that chance decides the allocation
+
+
+def _decision(res, n_batches: int, halves: float | None, alloc, config: PruneConfig) -> str:
+    """What the allocator decided and why, in one sentence (report.json's ``stage1.decision``)."""
+    if alloc.fallback:
+        return f"uniform sparsity {config.sparsity:g}: {alloc.fallback}"
+    lo, hi = min(alloc.sparsity), max(alloc.sparsity)
+    text = (
+        f"{config.group} sparsities {lo:.3f}-{hi:.3f} (target {config.sparsity:g}, bound m={config.m:g}) from "
+        f"{res.method} on {n_batches} stage-1 batch(es)"
+    )
+    if halves is None:
+        return text + "; split-half agreement not measured (one batch)"
+    text += f"; split-half Spearman of the scores {halves:.2f}"
+    if halves < AGREEMENT_WARN:
+        text += (
+            f" (below {AGREEMENT_WARN}: the two halves of the stage-1 data disagree, so chance decides much of "
+            "this allocation; give more --stage1-nsamples)"
+        )
+    return text
 
 
 def _ranks(values: list[float]) -> list[float]:
@@ -302,6 +326,19 @@ def tower_sparsity(plan: walk.Plan, zeros: dict[str, int]) -> dict[str, dict]:
     return out
 
 
+# Stage 1 scores 4 windows by default, in (at least) 2 batches so that its split-half agreement can be
+# measured: with the noise-free estimator 4 x 128 tokens agree with a 32 x 128-token reference as well
+# as 8 do (Spearman 0.96 against 0.97 over 4 draws of windows; a single noise draw on 8 windows gave
+# 0.73) at ~60% of the time (benchmarks/bench_stage1_tokens.py, docs/ALLOCATION.md).
+STAGE1_WINDOWS = 4
+
+
+def stage1_batch_size(calibration) -> int:
+    """Windows per stage-1 batch: 4, fewer when that would leave fewer than 2 batches."""
+    n = len(calibration) if isinstance(calibration, torch.Tensor) else 0
+    return min(4, max(1, n // 2)) if n else 4
+
+
 def prepare(model, calibration, config: PruneConfig, stage1_calibration=None, loader=None):
     """Everything checked before any work: (plan, objective, stage-2 batches, stage-1 batches, the
     stage-1 batches' indices in the whole set). Data-parallel ranks get every world()-th batch."""
@@ -309,8 +346,8 @@ def prepare(model, calibration, config: PruneConfig, stage1_calibration=None, lo
     objective = objectives.for_model(model)
     batches = walk.as_batches(calibration, config.batch_size, objective.from_ids)
     if stage1_calibration is None:
-        stage1_calibration = calibration[:8] if isinstance(calibration, torch.Tensor) else batches
-    stage1_batches = walk.as_batches(stage1_calibration, 4, objective.from_ids)
+        stage1_calibration = calibration[:STAGE1_WINDOWS] if isinstance(calibration, torch.Tensor) else batches
+    stage1_batches = walk.as_batches(stage1_calibration, stage1_batch_size(stage1_calibration), objective.from_ids)
     if parallel.active():  # every rank takes every world()-th batch
         if min(len(batches), len(stage1_batches)) < parallel.world():
             raise ValueError(
@@ -348,7 +385,7 @@ def prune_(
     turned into the model's inputs: ``input_ids``, or encoder input + labels for encoder-decoder
     models), or a list of dicts of model inputs used as given (e.g. ``decoder_input_ids`` for T5,
     pixel values for vision models). ``stage1_calibration`` (ECoFLaP's scores) defaults to the first
-    8 windows / the same batches. Nothing is changed when a check fails.
+    ``STAGE1_WINDOWS`` (4) windows / the same batches. Nothing is changed when a check fails.
 
     ``loader`` (``stream.BlockLoader``): ``model`` is a streamed skeleton; every block is read when
     the walk reaches it and freed after ``after_block(block)`` (which writes its pruned tensors).

@@ -1,5 +1,7 @@
 """The sequential stage-2 driver on tiny random LLaMA and OPT models."""
 
+import re
+
 import pytest
 import torch
 from helpers import block_linears
@@ -145,3 +147,22 @@ def test_sparsegpt_driver(pattern):
         PruneConfig(sparsity=0.5, pattern=pattern, pruner="sparsegpt", progress=False),
     )
     assert rep["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_report_states_the_allocation_decision():
+    """ECoFLaP's report says what it decided from which data: sparsity range, estimator, batches and
+    the split-half agreement (stage 1 defaults to 4 windows in 2 batches)."""
+    model = tiny_llama(layers=4)
+    calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    rep = prune_(model, calibration, PruneConfig(sparsity=0.5, allocator="ecoflap-zo", progress=False))
+    st = rep["stage1"]
+    assert len(st["tensor_scores"]) == 4 * 7
+    assert "on 2 stage-1 batch(es)" in st["decision"] and "noise" in st["decision"]
+    assert f"split-half Spearman of the scores {st['split_half_spearman']:.2f}" in st["decision"]
+    lo, hi = map(float, re.search(r"block sparsities ([0-9.]+)-([0-9.]+) ", st["decision"]).groups())
+    assert lo < 0.5 < hi <= 0.6  # allocated around the target, within the bound m
+    achieved = rep["layer_sparsity"].values()
+    assert lo - 1 / 16 <= min(achieved) and max(achieved) <= hi + 1e-9  # rows of 64 (or 16) round down
+    cfg = PruneConfig(sparsity=0.5, allocator="ecoflap-zo", progress=False)
+    one = prune_(tiny_llama(layers=4), calibration, cfg, stage1_calibration=calibration[:1])
+    assert "not measured (one batch)" in one["stage1"]["decision"]
