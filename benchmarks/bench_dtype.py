@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             windows = data.eval_windows(held_tokens, 512, n)
             for d in bases:
                 v = evaluate.perplexity(bases[d], windows, progress=False)
-                res.add("perplexity", f"dense, {n} windows", shape, d, "ppl", "ppl", v)
+                res.add("perplexity", f"dense, {n} window{'s' if n > 1 else ''}", shape, d, "ppl", "ppl", v)
                 print(f"{d}: dense perplexity on {n} held-out windows {v:.3f}", flush=True)
             print(f"{dtype}: forward {fwd[dtype] / fastest:.0f}x slower than the fastest dtype; pipeline not run")
     windows = data.eval_windows(held_tokens, 512, 16)

@@ -278,18 +278,60 @@ def stage1_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def seeds_table(rows: list[dict]) -> str:
-    """ECoFLaP-zo against uniform Wanda for each run (seed) of quality_seeds_cpu.csv."""
-    runs = defaultdict(dict)
-    for r in rows:
-        if r["op"] == "perplexity" and r["provider"] in ("uniform", "ecoflap-zo"):
-            runs[(r["date"], r["commit"])][(r["provider"], r["shape"])] = float(r["median"])
-    lines = ["| run | sparsity | uniform | ecoflap-zo | ratio |", "|---|---:|---:|---:|---:|"]
-    for i, (run, vals) in enumerate(sorted(runs.items()), start=1):
-        for s in sorted({sp for (_, sp) in vals}, key=float):
-            u, z = vals.get(("uniform", s)), vals.get(("ecoflap-zo", s))
-            if u and z:
-                lines.append(f"| {i}: {run[0]} | {s} | {u:.1f} | {z:.1f} | **{z / u:.2f}×** |")
+def dtype_table(rows: list[dict]) -> str:
+    """fp32 against bf16 (GEMM throughput, a forward, dense perplexity) and, per dtype that ran the
+    pipeline, uniform Wanda's and ECoFLaP-zo's pruning time (median, min-max) and perplexity."""
+    rows = _latest_run(rows)
+    get = {(r["op"], r["provider"], r["dtype"]): r for r in rows}
+    dtypes = [d for d in ("float32", "bfloat16") if ("gemm", "512x576x1536", d) in get]
+    env = rows[0]
+    lines = [
+        f"{env['device']}, {env['date']} (commit {env['commit']})",
+        "",
+        "| | " + " | ".join(dtypes) + " |",
+        "|---|" + "---:|" * len(dtypes),
+    ]
+
+    def cell(key, fmt):
+        r = get.get(key)
+        return "—" if r is None else fmt(float(r["median"]))
+
+    lines.append(
+        "| GEMM 512×576×1536 (GFLOP/s) | "
+        + " | ".join(cell(("gemm", "512x576x1536", d), lambda v: f"{v:.1f}") for d in dtypes)
+        + " |"
+    )
+    lines.append(
+        "| one 128-token forward (s) | "
+        + " | ".join(cell(("time", "forward 1x128", d), lambda v: f"{v:.2f}") for d in dtypes)
+        + " |"
+    )
+    short = sorted({p for (op, p, _) in get if op == "perplexity" and p.startswith("dense, ")})
+    for p in short:
+        lines.append(
+            f"| perplexity ({p} held-out) | "
+            + " | ".join(cell(("perplexity", p, d), lambda v: f"{v:.3f}") for d in dtypes)
+            + " |"
+        )
+    full = [d for d in dtypes if ("time", "uniform", d) in get]
+    if full:
+        lines += [
+            "",
+            "| dtype | method | pruning time (s), median | min–max | held-out perplexity |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for d in full:
+            for m in ("uniform", "ecoflap-zo"):
+                t = get[("time", m, d)]
+                ppl = get.get(("perplexity", m, d))
+                lines.append(
+                    f"| {d} | {m} | {float(t['median']):.1f} | {float(t['p20']):.1f}–{float(t['p80']):.1f} | "
+                    + (f"{float(ppl['median']):.2f}" if ppl else "—")
+                    + " |"
+                )
+            ratio = get.get(("time_ratio", "ecoflap-zo / uniform", d))
+            if ratio:
+                lines.append(f"| {d} | ECoFLaP-zo / uniform | **{float(ratio['median']):.2f}×** | | |")
     return "\n".join(lines)
 
 
@@ -496,6 +538,7 @@ def main() -> int:
         ("arch_cpu.csv", "readme-arch", arch_table),
         ("depth_cpu.csv", "readme-depth", depth_table),
         ("scale_cpu.csv", "readme-scale", scale_table),
+        ("dtype_cpu.csv", "readme-dtype", dtype_table),
     ]:
         path = RESULTS_DIR / name
         if top.exists() and path.exists() and f"<!-- {marker}:begin -->" in top.read_text():

@@ -296,3 +296,9 @@ def block_zero_fraction(model: nn.Module, block_paths) -> float:
                 zeros += int((p == 0).sum())
                 total += p.numel()
     return zeros / total
+
+
+def param_name(matrix_name: str) -> str:
+    """The parameter behind an engine matrix name: module names (Linear, Conv1D) get '.weight';
+    '<parameter>[e]' (expert e of a fused expert parameter) stays as it is."""
+    return matrix_name if matrix_name.endswith("]") else f"{matrix_name}.weight"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from arch_zoo import ALL_NAMES, DEAD_EXPERT, MOE_NAMES, ZOO_NAMES, B, block_lists, build
-from naive_reference import block_zero_fraction, mask_agreement, naive_wanda_
+from naive_reference import block_zero_fraction, mask_agreement, naive_wanda_, param_name
 
 from ecoflap_fast import PruneConfig, prune_
 
@@ -23,11 +23,6 @@ AGREEMENT = 0.998
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _param_name(matrix_name: str) -> str:
-    """Engine matrix names are module names (Linear, Conv1D) or '<parameter>[e]' (experts)."""
-    return matrix_name if matrix_name.endswith("]") else f"{matrix_name}.weight"
 
 
 @pytest.fixture(scope="module", params=ALL_NAMES)
@@ -43,7 +38,7 @@ def pruned_pair(request):
 
 def test_masks_agree_with_the_naive_reference(pruned_pair):
     name, engine, naive, _, report, oracle = pruned_pair
-    ours = {_param_name(n) for n in report["layer_sparsity"]}
+    ours = {param_name(n) for n in report["layer_sparsity"]}
     assert ours == set(oracle["pruned"]), (name, sorted(ours ^ set(oracle["pruned"]))[:5])
     agree = mask_agreement(engine, naive, sorted(oracle["pruned"]))
     worst = min(agree, key=agree.get)
@@ -55,7 +50,7 @@ def test_coverage_and_dense_parameters(pruned_pair):
     assert block_zero_fraction(engine, block_lists(name)) == pytest.approx(SPARSITY, abs=0.03)
     assert report["achieved_sparsity"] == pytest.approx(SPARSITY, abs=0.01)
     assert report["plan"]["coverage_of_block_matrices"] >= 0.8
-    pruned = {_param_name(n).split("[")[0] for n in report["layer_sparsity"]}
+    pruned = {param_name(n).split("[")[0] for n in report["layer_sparsity"]}
     named_dense = {n for d in report["dense"].values() for n in d["names"]}
     fresh = dict(dense.named_parameters())
     for pname, p in engine.named_parameters():

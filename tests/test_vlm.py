@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from naive_reference import block_zero_fraction, mask_agreement, naive_wanda_
+from naive_reference import block_zero_fraction, mask_agreement, naive_wanda_, param_name
 from vlm_zoo import TOWERS, VLM_NAMES, block_lists, build_model, build_vlm
 
 from ecoflap_fast import objectives
@@ -26,10 +26,6 @@ SPARSITY = 0.5
 AGREEMENT = 0.998
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _param_name(matrix_name: str) -> str:
-    return matrix_name if matrix_name.endswith("]") else f"{matrix_name}.weight"
 
 
 @pytest.fixture(scope="module", params=VLM_NAMES)
@@ -51,7 +47,7 @@ def test_every_tower_is_found(pruned_pair):
 
 def test_masks_agree_with_the_naive_reference(pruned_pair):
     name, engine, naive, _, report, oracle = pruned_pair
-    ours = {_param_name(n) for n in report["layer_sparsity"]}
+    ours = {param_name(n) for n in report["layer_sparsity"]}
     assert ours == set(oracle["pruned"]), (name, sorted(ours ^ set(oracle["pruned"]))[:5])
     assert not oracle["dense_in_blocks"], oracle["dense_in_blocks"][:3]  # every block matrix is a Linear
     agree = mask_agreement(engine, naive, sorted(oracle["pruned"]))
@@ -104,7 +100,7 @@ def test_cache_on_in_the_config_changes_nothing(name):
     cfg = PruneConfig(sparsity=SPARSITY, allocator="uniform", batch_size=4, progress=False)
     report = prune_(on, batches, cfg)
     prune_(off, batches, cfg)
-    agree = mask_agreement(on, off, [_param_name(n) for n in report["layer_sparsity"]])
+    agree = mask_agreement(on, off, [param_name(n) for n in report["layer_sparsity"]])
     assert min(agree.values()) == 1.0
 
 
