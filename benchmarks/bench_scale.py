@@ -72,24 +72,26 @@ def generate(size: str, folder: Path) -> Path:
         architectures=["LlamaForCausalLM"],
     )
     tmp = folder.with_name(folder.name + ".tmp")
-    writer = checkpoint.ShardWriter(tmp)
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
     head_dim = hidden // heads
-    writer.add("model.embed_tokens.weight", rnd(vocab, hidden))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}"
-        writer.add(f"{p}.self_attn.q_proj.weight", rnd(hidden, hidden))
-        writer.add(f"{p}.self_attn.k_proj.weight", rnd(kv * head_dim, hidden))
-        writer.add(f"{p}.self_attn.v_proj.weight", rnd(kv * head_dim, hidden))
-        writer.add(f"{p}.self_attn.o_proj.weight", rnd(hidden, hidden))
-        writer.add(f"{p}.mlp.gate_proj.weight", rnd(inter, hidden))
-        writer.add(f"{p}.mlp.up_proj.weight", rnd(inter, hidden))
-        writer.add(f"{p}.mlp.down_proj.weight", rnd(hidden, inter))
-        writer.add(f"{p}.input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-        writer.add(f"{p}.post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-    writer.add("lm_head.weight", rnd(vocab, hidden))
+        shapes[f"{p}.self_attn.q_proj.weight"] = (hidden, hidden)
+        shapes[f"{p}.self_attn.k_proj.weight"] = (kv * head_dim, hidden)
+        shapes[f"{p}.self_attn.v_proj.weight"] = (kv * head_dim, hidden)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (hidden, hidden)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.down_proj.weight"] = (hidden, inter)
+        shapes[f"{p}.input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    writer = checkpoint.ShardWriter(tmp, [(n, torch.bfloat16, s) for n, s in shapes.items()])
+    g = torch.Generator().manual_seed(0)
+    for name, shape in shapes.items():  # norms are ones, matrices N(0, 0.02)
+        t = torch.ones(shape) if len(shape) == 1 else torch.randn(*shape, generator=g) * 0.02
+        writer.add(name, t.to(torch.bfloat16))
     writer.close()
     cfg.save_pretrained(tmp)
     _, tok = models.load_model("default")

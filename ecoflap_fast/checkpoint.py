@@ -2,7 +2,8 @@
 
 ``Checkpoint`` indexes a folder (one ``model.safetensors`` or shards with
 ``model.safetensors.index.json``) from the file headers alone and reads single tensors on demand;
-``ShardWriter`` writes tensors into shards of a usual size with the index transformers expects;
+``ShardWriter`` writes tensors into shards of a usual size with the index transformers expects,
+each tensor straight to its place in its shard (the layout is known up front);
 ``save_model`` writes an in-memory model the same way, in the source checkpoint's dtype, so a
 streamed run and an in-memory run produce the same files.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -33,11 +35,17 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class Checkpoint:
     """The tensors of a safetensors checkpoint folder: names, dtypes and shapes from the headers;
-    ``get(name)`` reads one tensor."""
+    ``get(name)`` reads one tensor.
+
+    The headers are checked by ``safetensors.safe_open``; tensor bytes are then read with ``pread``
+    into a fresh tensor rather than through a memory map, so the pages of blocks already read do not
+    stay in the process's resident memory (a streamed run reads a checkpoint bigger than the memory
+    once, block by block)."""
 
     def __init__(self, folder):
         from safetensors import safe_open
@@ -50,22 +58,54 @@ class Checkpoint:
             files = [SINGLE]
         else:
             raise FileNotFoundError(f"{self.folder} holds no safetensors checkpoint ({SINGLE} or {INDEX})")
-        self._handles = {}
+        self._fds: dict[str, int] = {}
         self.files: dict[str, str] = {}
         self.meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._offsets: dict[str, int] = {}
         for f in files:
-            h = safe_open(str(self.folder / f), framework="pt")
-            self._handles[f] = h
-            for name in h.keys():
-                sl = h.get_slice(name)
+            path = self.folder / f
+            with safe_open(str(path), framework="pt") as h:  # validates the header and the offsets
+                checked = {n: (h.get_slice(n).get_dtype(), tuple(h.get_slice(n).get_shape())) for n in h.keys()}
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[f] = fd
+            header, start = _read_header(fd, path)
+            for name, (dtype_name, shape) in checked.items():
+                entry = header[name]
+                if dtype_name not in _DTYPES:
+                    raise ValueError(f"{path}: tensor {name} has dtype {dtype_name}, which the engine does not read")
+                if tuple(entry["shape"]) != shape or entry["dtype"] != dtype_name:
+                    raise ValueError(f"{path}: the header of tensor {name} does not parse the same twice")
                 self.files[name] = f
-                self.meta[name] = (_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape()))
+                self.meta[name] = (_DTYPES[dtype_name], shape)
+                self._offsets[name] = start + int(entry["data_offsets"][0])
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.files[name]].get_tensor(name)
+        dtype, shape = self.meta[name]
+        out = torch.empty(shape, dtype=dtype)
+        nbytes = out.numel() * out.element_size()
+        if nbytes:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            fd, offset, done = self._fds[self.files[name]], self._offsets[name], 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise ValueError(f"{self.folder / self.files[name]} ends inside tensor {name} (truncated file)")
+                done += n
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def nbytes(self, names=None) -> int:
         names = self.meta if names is None else names
@@ -80,40 +120,107 @@ class Checkpoint:
         return counts.most_common(1)[0][0] if counts else torch.float32
 
 
+def _read_header(fd: int, path) -> tuple[dict, int]:
+    """(the JSON header of a safetensors file, the offset its data starts at)."""
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    return json.loads(os.pread(fd, n, 8)), 8 + n
+
+
+def layout(model, dtype: torch.dtype | None = None, skip=()) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every state-dict tensor of ``model`` except ``skip``, floating-point
+    ones in ``dtype`` when given; works on meta tensors (a streamed skeleton)."""
+    out = []
+    for name, t in model.state_dict().items():
+        if name not in skip:
+            out.append((name, dtype if dtype is not None and t.is_floating_point() else t.dtype, tuple(t.shape)))
+    return out
+
+
 class ShardWriter:
     """Writes tensors into ``model-0000k-of-0000n.safetensors`` shards (about ``shard_bytes`` each) and
-    the index; a checkpoint that fits one shard is written as ``model.safetensors``."""
+    the index; a checkpoint that fits one shard is written as ``model.safetensors``.
 
-    def __init__(self, folder, shard_bytes: int = SHARD_BYTES):
+    The layout (every tensor's name, dtype and shape) is given up front, so every shard's header and
+    every tensor's place are known before the first tensor arrives: ``add`` writes a tensor's bytes to
+    its place at once, in any order, and nothing is held in memory. ``close`` checks that every tensor
+    of the layout was written."""
+
+    def __init__(self, folder, tensors, shard_bytes: int = SHARD_BYTES):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_bytes = shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.where: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}  # name: shard, offset, ...
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        size, seen = 0, set()
+        for name, dtype, shape in tensors:
+            if dtype not in _NAMES:
+                raise ValueError(f"tensor {name}: dtype {dtype} cannot be written to safetensors by the engine")
+            if name in seen:
+                raise ValueError(f"tensor {name} appears twice in the layout")
+            seen.add(name)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, dtype, tuple(shape), nbytes))
+            size += nbytes
         self.shards: list[tuple[str, list[str], int]] = []
+        self._fds: list[int] = []
+        for k, entries in enumerate(shards):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, dtype, shape, nbytes in entries:
+                header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+            start = 8 + len(raw)
+            tmp_name = f"shard-{k + 1:05d}.safetensors"
+            fd = os.open(self.folder / tmp_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._fds.append(fd)
+            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            os.ftruncate(fd, start + offset)
+            for name, dtype, shape, nbytes in entries:
+                self.where[name] = (k, start + header[name]["data_offsets"][0], dtype, shape)
+            self.shards.append((tmp_name, [e[0] for e in entries], offset))
+        self.written: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().to("cpu").contiguous()
-        if name in self.pending or any(name in names for _, names, _ in self.shards):
+        if name not in self.where:
+            raise ValueError(f"tensor {name} is not in the checkpoint's layout")
+        if name in self.written:
             raise ValueError(f"tensor {name} written twice")
-        self.pending[name] = t
-        self.pending_bytes += t.numel() * t.element_size()
-        if self.pending_bytes >= self.shard_bytes:
-            self._flush()
+        k, offset, dtype, shape = self.where[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} is {tensor.dtype} {tuple(tensor.shape)}; the layout says {dtype} {shape}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fds[k], view[done:], offset + done)
+        self.written.add(name)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _close_files(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
-        if not self.pending:
-            return
-        tmp_name = f"shard-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.folder / tmp_name), metadata={"format": "pt"})
-        self.shards.append((tmp_name, list(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
+    def abort(self) -> None:
+        """Close and remove the shards written so far."""
+        self._close_files()
+        for tmp, _, _ in self.shards:
+            (self.folder / tmp).unlink(missing_ok=True)
 
     def close(self) -> list[Path]:
-        """Flush, name the shards, write the index; returns the files written."""
-        self._flush()
+        """Check that every tensor was written, sync, name the shards, write the index; returns the
+        files written."""
+        missing = [n for n in self.where if n not in self.written]
+        if missing:
+            self.abort()
+            raise ValueError(f"tensor {missing[0]} (and {len(missing) - 1} more) was never written")
+        for fd in self._fds:
+            os.fsync(fd)
+        self._close_files()
         n = len(self.shards)
         written = []
         if n == 1:
@@ -160,12 +267,11 @@ def save_model(model, folder, *, dtype: torch.dtype | None = None, tokenizer=Non
     """Write ``model`` as a Hugging Face folder: config, generation config, tokenizer, and the weights
     in shards through ``ShardWriter`` (floating-point tensors cast to ``dtype``, tied copies once)."""
     folder = Path(folder)
-    writer = ShardWriter(folder, shard_bytes)
     skip = tied_names(model)
+    writer = ShardWriter(folder, layout(model, dtype, skip), shard_bytes)
     for name, t in model.state_dict().items():
-        if name in skip:
-            continue
-        writer.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+        if name not in skip:
+            writer.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     writer.close()
     write_config(model, folder, dtype)
     if tokenizer is not None:

@@ -325,9 +325,7 @@ def _prune(a) -> dict:
         from . import walk
 
         eval_plan = walk.plan(model, walk.as_batches(calibration, 1, objective.from_ids)[0], loader=loader)
-    measure, metric = _quality(
-        a, model, tok, objective, eval_texts, held_pairs, config.progress, eval_plan
-    )
+    measure, metric = _quality(a, model, tok, objective, eval_texts, held_pairs, config.progress, eval_plan)
     eval_s = 0.0
     q_dense = q_pruned = None
     if a.eval:
@@ -463,9 +461,10 @@ def _stream_decision(a, compute_dtype, device: str) -> bool:
         for flag, name in ((a.export, "--export"), (a.remove_blocks, "--remove-blocks")):
             if flag:
                 raise ValueError(f"{name} is not available with --stream; run it on OUTPUT/model afterwards")
+        held = stream.process_memory(device)  # the interpreter, torch and the tokenizer, already resident
         print(
-            f"ecoflap-fast: streaming; estimated peak {_size(est['peak_streamed'])} "
-            f"(weights {_size(est['weights'])} in memory otherwise)",
+            f"ecoflap-fast: streaming; estimated peak {_size(held + est['peak_streamed'])} "
+            f"({_size(held)} held now; the weights take {_size(est['weights'])} in memory otherwise)",
             file=sys.stderr,
         )
     return on
@@ -487,8 +486,10 @@ def _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibrati
         out.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.model-", dir=out.parent))
     folder = Path(parallel.broadcast(str(folder)))
+    writer = None
     try:
-        writer = checkpoint.ShardWriter(folder) if main else None
+        skip = checkpoint.tied_names(model)
+        writer = checkpoint.ShardWriter(folder, checkpoint.layout(model, save_dtype, skip)) if main else None
         cast = lambda t: t.to(save_dtype) if t.is_floating_point() else t  # noqa: E731
 
         def write(block):
@@ -505,7 +506,6 @@ def _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibrati
         )
         if main:
             stacks = [s.path + "." for s in walk.structure(model).stacks]
-            skip = checkpoint.tied_names(model)
             for n, t in model.state_dict().items():
                 if n not in skip and not n.startswith(tuple(stacks)):
                     writer.add(n, cast(t))
@@ -520,6 +520,8 @@ def _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibrati
         import shutil
 
         if main:
+            if writer is not None:
+                writer.abort()
             shutil.rmtree(folder, ignore_errors=True)
         raise
 

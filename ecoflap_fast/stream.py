@@ -153,6 +153,16 @@ def available_memory(device="cpu") -> int:
     return psutil.virtual_memory().available
 
 
+def process_memory(device="cpu") -> int:
+    """Bytes this process holds now on ``device``: resident memory on the CPU, allocated on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 def estimate(folder, dtype: torch.dtype, nsamples: int, seqlen: int, batch_size: int) -> dict:
     """Bytes a run over checkpoint ``folder`` needs, from the tensor headers and config.json alone:
     the weights in ``dtype``, the part outside the blocks, the largest block, the calibration

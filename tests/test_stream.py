@@ -40,7 +40,8 @@ def test_stream_writes_the_same_tensors_as_in_memory(saved, tmp_path, name, allo
     checkpoint.save_model(model, tmp_path / "mem", dtype=torch.bfloat16)
     # streamed: blocks read when reached, written as soon as they are pruned, freed
     skel, loader, ck = stream.open_streamed(folder)
-    writer = checkpoint.ShardWriter(tmp_path / "str", shard_bytes=60_000)
+    skip = checkpoint.tied_names(skel)
+    writer = checkpoint.ShardWriter(tmp_path / "str", checkpoint.layout(skel, torch.bfloat16, skip), shard_bytes=60_000)
     held = []
 
     def write(block):
@@ -51,7 +52,6 @@ def test_stream_writes_the_same_tensors_as_in_memory(saved, tmp_path, name, allo
     rep_str = prune_(
         skel, batches, PruneConfig(**cfg), stage1_calibration=batches[:2], loader=loader, after_block=write
     )
-    skip = checkpoint.tied_names(skel)
     stacks = [s.path for s in walk.structure(skel).stacks]
     for n, t in skel.state_dict().items():
         if n not in skip and not any(n.startswith(p + ".") for p in stacks):
@@ -96,10 +96,10 @@ def test_streamed_perplexity_equals_in_memory(saved):
 def test_missing_tensor_is_named(saved, tmp_path):
     folder, _ = saved["llama"]
     ck = checkpoint.Checkpoint(folder)
-    writer = checkpoint.ShardWriter(tmp_path / "broken")
-    for n in ck.files:
-        if n != "model.layers.1.mlp.up_proj.weight":
-            writer.add(n, ck.get(n))
+    kept = [n for n in ck.files if n != "model.layers.1.mlp.up_proj.weight"]
+    writer = checkpoint.ShardWriter(tmp_path / "broken", [(n, *ck.meta[n]) for n in kept])
+    for n in kept:
+        writer.add(n, ck.get(n))
     writer.close()
     (tmp_path / "broken" / "config.json").write_bytes((folder / "config.json").read_bytes())
     with pytest.raises(
