@@ -79,15 +79,12 @@ def contrastive_loss(model, batches: list[dict], *, progress: bool = True) -> fl
 
 @torch.no_grad()
 def sentence_embeddings(model, batches: list[dict]) -> list[torch.Tensor]:
-    """Mean-pooled last hidden states (padding excluded), fp32 [B, C] per batch."""
+    """Normalised mean-pooled last hidden states (padding excluded), fp32 [B, C] per batch."""
     embeddings = []
     for b in batches:
         out = walk.forward(model, b, output_hidden_states=True)
         h = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
-        h = h.float()
-        mask = b.get("attention_mask")
-        mask = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device).float()
-        embeddings.append((h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1))
+        embeddings.append(objectives.sentence_embedding(h, b.get("attention_mask")))
     return embeddings
 
 

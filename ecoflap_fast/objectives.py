@@ -11,11 +11,12 @@
                   placeholders, the prompt and padding; ``data.vlm_batches`` makes them)
   classifier      image (or sequence) classifiers: cross-entropy against the dense model's own
                   predictions (its argmax labels on the same inputs, computed once by ``prepare``)
-  representation  encoders without a head: 1 - cos(last hidden state on the inputs with 15% of the
-                  tokens replaced by random tokens, the dense model's last hidden state on the clean
-                  inputs), averaged over tokens. A loss against the dense model on the *same* inputs
-                  would have zero gradient at the dense weights; the corrupted inputs make it an
-                  informative denoising objective.
+  representation  encoders without a head (sentence embedders): the sensitivity of the sentence
+                  embedding, <u, e> with e the normalised mean-pooled last hidden state on the clean
+                  inputs and u a fixed random direction per sequence (drawn from the batch's seed).
+                  Any loss against the dense model on the same inputs has zero gradient at the dense
+                  weights; the gradient of <u, e> measures how far a change of a weight moves the
+                  embedding itself, which is what a sentence embedder is judged on.
 
 Every loss is computed in fp32. ``per_sample`` returns one value per sequence for the losses that
 are a mean over sequences (the batched finite differences need it); the contrastive loss couples
@@ -51,6 +52,14 @@ def _corrupt(ids: torch.Tensor, vocab: int, seed: int) -> tuple[torch.Tensor, to
     return torch.where(where, random.to(ids.dtype), ids.cpu()).to(ids.device), where.to(ids.device)
 
 
+def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, d] fp32: the mean over the (unmasked) tokens of ``hidden`` [B, T, d], normalised to unit
+    length (sentence-transformers' mean pooling)."""
+    h = hidden.float()
+    m = mask.to(h.device, h.dtype).unsqueeze(-1) if mask is not None else torch.ones_like(h[..., :1])
+    return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
+
+
 @dataclass
 class Objective:
     kind: str
@@ -68,23 +77,21 @@ class Objective:
         return {"input_ids": ids}
 
     def prepare(self, model, batches: list[dict]) -> list[dict]:
-        """Batches ready for :meth:`loss`: the representation loss adds the dense model's outputs
-        on the clean inputs (``_target``) and the corrupted inputs; masked-lm the corrupted inputs;
-        the classifier loss the dense model's argmax labels (``_dense_labels``)."""
+        """Batches ready for :meth:`loss`: the representation loss adds the seed of its random
+        directions (``_direction_seed``); masked-lm the corrupted inputs; the classifier loss the
+        dense model's argmax labels (``_dense_labels``)."""
         if self.kind == "classifier":
             with torch.no_grad():
                 return [dict(b, _dense_labels=walk.forward(model, b).logits.argmax(-1)) for b in batches]
-        if self.kind not in ("representation", "masked-lm"):
+        if self.kind == "representation":
+            return [dict(b, _direction_seed=7919 * (i + 1)) for i, b in enumerate(batches)]
+        if self.kind != "masked-lm":
             return batches
         out = []
         vocab = model.get_input_embeddings().num_embeddings
         for i, b in enumerate(batches):
             corrupted, where = _corrupt(b["input_ids"], vocab, 7919 * (i + 1))
-            nb = dict(b, input_ids=corrupted, _where=where, _clean=b["input_ids"])
-            if self.kind == "representation":
-                with torch.no_grad():
-                    nb["_target"] = walk.forward(model, b).last_hidden_state.float()
-            out.append(nb)
+            out.append(dict(b, input_ids=corrupted, _where=where, _clean=b["input_ids"]))
         return out
 
     @staticmethod
@@ -117,10 +124,11 @@ class Objective:
             logits = outputs.logits.float()
             return F.cross_entropy(logits, batch["_dense_labels"].to(logits.device), reduction="none")
         if self.kind == "representation":
-            h = outputs.last_hidden_state.float()
-            cos = F.cosine_similarity(h, batch["_target"].to(h.device), dim=-1, eps=1e-8)
-            valid = mask.float() if mask is not None else torch.ones_like(cos)
-            return ((1 - cos) * valid).sum(1) / valid.sum(1).clamp_min(1)
+            if "_direction_seed" not in batch:
+                raise ValueError("the representation loss needs its random directions: prepare() the batches first")
+            e = sentence_embedding(outputs.last_hidden_state, mask)
+            u = torch.randn(e.shape, generator=torch.Generator().manual_seed(batch["_direction_seed"]))
+            return (e * u.to(e.device)).sum(-1)
         raise ValueError(f"the {self.kind} loss has no per-sample form")
 
     def loss(self, model, batch: dict) -> torch.Tensor:
@@ -161,8 +169,8 @@ def for_model(model) -> Objective:
     if name.endswith("Model") and out_emb is None:
         return Objective(
             "representation",
-            "representation loss against the dense model: 1 - cos(last hidden state with 15% of the tokens "
-            "replaced, dense last hidden state on the clean tokens)",
+            "sentence embedding sensitivity: <u, normalised mean-pooled last hidden state> with a fixed random "
+            "direction u per sequence",
         )
     raise ValueError(
         f"{name}: no training objective is known for this kind of model (causal LM, encoder-decoder, "

@@ -202,7 +202,7 @@ def _blockwise_backward(model, plan: walk.Plan, objective, batches, on_grad, pro
     backward's bit for bit (tests/test_stream.py)."""
     (stack,) = plan.stacks
     flags = {p: p.requires_grad for p in model.parameters()}
-    with walk.on_demand(plan):  # a representation loss needs the dense model's outputs first
+    with walk.on_demand(plan):  # a classifier loss needs the dense model's outputs first
         prepared = objective.prepare(model, batches)
     try:
         for p in model.parameters():

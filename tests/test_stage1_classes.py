@@ -54,13 +54,21 @@ def test_objectives_are_the_models_own_losses():
         BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
     ).eval()
     obj = objectives.for_model(bare)
-    assert obj.kind == "representation" and "dense model" in obj.description
-    (prepared,) = obj.prepare(bare, [{"input_ids": torch.randint(3, 64, (2, 12))}])
+    assert obj.kind == "representation" and "sentence embedding" in obj.description
+    ids = torch.randint(3, 64, (2, 12))
+    (prepared,) = obj.prepare(bare, [{"input_ids": ids}])
+    assert torch.equal(prepared["input_ids"], ids)  # the clean inputs
     loss = obj.loss(bare, prepared)
-    assert 0 < float(loss.detach()) < 2  # corrupted inputs differ from the clean target: a non-zero loss
+    # written here: <u, e> with e the unit-length mean of the last hidden states, u ~ N(0, I) per sequence
+    with torch.no_grad():
+        h = bare(input_ids=ids).last_hidden_state
+        e = h.mean(1) / h.mean(1).norm(dim=-1, keepdim=True)
+        u = torch.randn(e.shape, generator=torch.Generator().manual_seed(prepared["_direction_seed"]))
+    assert torch.allclose(loss.detach(), (e * u).sum(-1).mean(), atol=1e-6)
     bare.zero_grad()
-    loss.backward()
-    assert any(float(p.grad.abs().sum()) > 0 for p in bare.encoder.parameters() if p.grad is not None)
+    loss.backward()  # not zero at the dense weights, in every block
+    for layer in bare.encoder.layer:
+        assert float(layer.intermediate.dense.weight.grad.abs().sum()) > 0
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gemma3", "mixtral", "t5", "bert", "falcon"])

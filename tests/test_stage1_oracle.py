@@ -127,3 +127,39 @@ def test_split_half_agreement_is_reported():
     assert "expectation over the noise" in info["method"]
     assert -1 <= info["split_half_spearman"] <= 1
     assert math.isfinite(info["split_half_spearman"])
+
+
+def _bare_encoder(kind: str):
+    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    if kind == "bert":
+        return BertModel(BertConfig(**shape), add_pooling_layer=False).eval(), "encoder.layer"
+    return MPNetModel(MPNetConfig(**shape), add_pooling_layer=False).eval(), "encoder.layer"
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_bare_encoder_scores_match_a_naive_embedding_sensitivity(kind):
+    """Sentence embedders (no head): the naive loss, written here, is <u, e> per sequence with e the
+    unit-length mean of the last hidden states and u ~ N(0, I) from the engine's per-batch seed."""
+    model, path = _bare_encoder(kind)
+    g = torch.Generator().manual_seed(5)
+    batches = [{"input_ids": torch.randint(3, 96, (2, 10), generator=g)} for _ in range(2)]
+    plan = walk.plan(model, batches[0])
+    names = list(plan.matrices())
+    assert len(names) == 3 * 6  # q, k, v, attention output, intermediate, output per block
+    fast = stage1.zo_grad_scores(model, batches, plan=plan, expected=True, progress=False)
+    want = dict.fromkeys(names, 0.0)
+    for b, batch in enumerate(batches):
+        model.zero_grad(set_to_none=True)
+        h = model(**batch).last_hidden_state
+        e = h.mean(1) / h.mean(1).norm(dim=-1, keepdim=True)
+        u = torch.randn(e.shape, generator=torch.Generator().manual_seed(7919 * (b + 1)))
+        (e * u).sum(-1).mean().backward()
+        for n in names:
+            want[n] += math.sqrt(2 / math.pi) * float(model.get_parameter(f"{n}.weight").grad.norm())
+    for n in names:
+        assert fast[n] == pytest.approx(want[n], rel=1e-4), n
+    blocks = [[n for n in names if n.startswith(f"{path}.{i}.")] for i in range(3)]
+    assert spearman([sum(fast[n] for n in b) for b in blocks], [sum(want[n] for n in b) for b in blocks]) >= 0.99
