@@ -478,23 +478,70 @@ def depth_table(rows: list[dict]) -> str:
     return "\n".join(out).rstrip()
 
 
-def scale_table(rows: list[dict]) -> str:
-    rows = _latest_per_key(rows)
+def _scale_cells(rows: list[dict]) -> list[tuple[str, str, dict]]:
+    """[(checkpoint, run, {op: value, "commit": ..., "date": ...})] by checkpoint size, then run."""
     by = defaultdict(dict)
-    for r in rows:
-        by[(r["shape"], r["provider"])][r["op"]] = float(r["median"])
-    env = rows[-1]
+    for r in _latest_per_key(rows):
+        cell = by[(r["shape"], r["provider"])]
+        cell[r["op"]] = float(r["median"])
+        cell["commit"], cell["date"] = r["commit"], r["date"]
+    size = lambda shape: float(shape.split("(")[1].split()[0])  # noqa: E731
+    return [(s, p, m) for (s, p), m in sorted(by.items(), key=lambda kv: (size(kv[0][0]), kv[0][1]))]
+
+
+def scale_table(rows: list[dict]) -> str:
+    cells = _scale_cells(rows)
     lines = [
-        f"{env['device']}, {env['date']} (commit {env['commit']})",
+        f"{rows[-1]['device']}; each row from its latest run",
         "",
-        "| checkpoint | run | peak RSS (GiB) | wall time (s) | achieved sparsity |",
-        "|---|---|---:|---:|---:|",
+        "| checkpoint | run | peak RSS (GiB) | wall time (s) | achieved sparsity | measured |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    for (shape, prov), m in sorted(by.items(), key=lambda kv: (float(kv[0][0].split("(")[1].split()[0]), kv[0][1])):
+    for shape, prov, m in cells:
         lines.append(
-            f"| {shape} | {prov} | {m['peak_rss']:.2f} | {m['wall_time']:.0f} | {m.get('achieved_sparsity', 0):.4f} |"
+            f"| {shape} | {prov} | {m['peak_rss']:.2f} | {m['wall_time']:.0f} | {m.get('achieved_sparsity', 0):.4f} "
+            f"| {m['date']}, {m['commit']} |"
         )
     return "\n".join(lines)
+
+
+def scale_plot(rows: list[dict], path: Path) -> None:
+    """Peak resident memory per checkpoint, one bar per run kind, the checkpoint's own bf16 size and
+    its fp32 size (what an in-memory run holds) as marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _scale_cells(rows)
+    if not cells:
+        return
+    shapes = list(dict.fromkeys(s for s, _, _ in cells))
+    runs = list(dict.fromkeys(p for _, p, _ in sorted(cells, key=lambda c: c[1])))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(runs)
+    for j, run in enumerate(runs):
+        xs, ys = [], []
+        for i, shape in enumerate(shapes):
+            m = next((m for s, p, m in cells if s == shape and p == run), None)
+            if m is not None:
+                xs.append(i + (j - (len(runs) - 1) / 2) * width)
+                ys.append(m["peak_rss"])
+        bars = ax.bar(xs, ys, width, label=run)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    for i, shape in enumerate(shapes):
+        bf16 = float(shape.split("(")[1].split()[0])
+        ax.hlines(bf16, i - 0.45, i + 0.45, colors="k", linestyles=":", lw=1)
+        ax.hlines(2 * bf16, i - 0.45, i + 0.45, colors="r", linestyles="--", lw=1)
+    ax.plot([], [], "k:", label="checkpoint (bf16)")
+    ax.plot([], [], "r--", label="weights in fp32")
+    ax.set_xticks(range(len(shapes)), [s.split(" (")[0] for s in shapes])
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.set_title("uniform Wanda 0.5, 8 x 128 calibration tokens, fp32 compute", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -530,6 +577,9 @@ def main() -> int:
     quality = RESULTS_DIR / "quality_cpu.csv"
     if quality.exists():
         quality_plot(read_results(quality), quality.with_suffix(".png"))
+    scale = RESULTS_DIR / "scale_cpu.csv"
+    if scale.exists():
+        scale_plot(read_results(scale), scale.with_suffix(".png"))
     for name, marker, table in [
         ("quality_cpu.csv", "readme-quality", quality_table),
         ("stage1_cpu.csv", "readme-stage1", stage1_table),

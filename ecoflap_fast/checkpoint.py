@@ -35,7 +35,12 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"),
+                     ("F8_E5M2", "float8_e5m2")):  # fmt: skip
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
 _NAMES = {v: k for k, v in _DTYPES.items()}
+MAX_HEADER = 100 * 1024**2  # safetensors' own bound on the JSON header
 
 
 class Checkpoint:
@@ -61,45 +66,71 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
         self.files: dict[str, str] = {}
         self.meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.unreadable: dict[str, str] = {}  # name: a safetensors dtype torch has no type for
         self._offsets: dict[str, int] = {}
-        for f in files:
-            path = self.folder / f
-            with safe_open(str(path), framework="pt") as h:  # validates the header and the offsets
-                checked = {n: (h.get_slice(n).get_dtype(), tuple(h.get_slice(n).get_shape())) for n in h.keys()}
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[f] = fd
-            header, start = _read_header(fd, path)
-            for name, (dtype_name, shape) in checked.items():
-                entry = header[name]
-                if dtype_name not in _DTYPES:
-                    raise ValueError(f"{path}: tensor {name} has dtype {dtype_name}, which the engine does not read")
-                if tuple(entry["shape"]) != shape or entry["dtype"] != dtype_name:
-                    raise ValueError(f"{path}: the header of tensor {name} does not parse the same twice")
-                self.files[name] = f
-                self.meta[name] = (_DTYPES[dtype_name], shape)
-                self._offsets[name] = start + int(entry["data_offsets"][0])
+        try:
+            for f in files:
+                self._index(f, safe_open)
+        except BaseException:
+            self.close()
+            raise
+
+    def _index(self, f: str, safe_open) -> None:
+        """Read one file's header; the checks hold for the very file the bytes are read from (the
+        descriptor is opened first, and safetensors checks the file behind it)."""
+        path = self.folder / f
+        fd = os.open(path, os.O_RDONLY)
+        self._fds[f] = fd
+        via = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else str(path)
+        with safe_open(via, framework="pt") as h:  # validates the header and the offsets
+            checked = {n: (h.get_slice(n).get_dtype(), tuple(h.get_slice(n).get_shape())) for n in h.keys()}
+        header, start = _read_header(fd, path)
+        size = os.fstat(fd).st_size
+        for name, (dtype_name, shape) in checked.items():
+            entry = header.get(name)
+            same = isinstance(entry, dict) and entry.get("dtype") == dtype_name
+            if not same or tuple(entry.get("shape", ())) != shape:
+                raise ValueError(f"{path}: the header of tensor {name} changed while it was read")
+            self.files[name] = f
+            dtype = _DTYPES.get(dtype_name)
+            if dtype is None:
+                self.unreadable[name] = dtype_name
+                continue
+            begin, stop = (int(x) for x in entry["data_offsets"])
+            if not 0 <= begin <= stop or stop - begin != math.prod(shape) * dtype.itemsize or start + stop > size:
+                raise ValueError(f"{path}: tensor {name} has data offsets {entry['data_offsets']} outside its file")
+            self.meta[name] = (dtype, shape)
+            self._offsets[name] = start + begin
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.unreadable:
+            raise ValueError(
+                f"{self.folder / self.files[name]}: tensor {name} has dtype {self.unreadable[name]}, "
+                "which this torch cannot hold"
+            )
+        f = self.files[name]
+        if f not in self._fds:
+            raise ValueError(f"the checkpoint {self.folder} was closed; open it again to read {name}")
         dtype, shape = self.meta[name]
         out = torch.empty(shape, dtype=dtype)
         nbytes = out.numel() * out.element_size()
         if nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            fd, offset, done = self._fds[self.files[name]], self._offsets[name], 0
+            fd, offset, done = self._fds[f], self._offsets[name], 0
             while done < nbytes:
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n <= 0:
-                    raise ValueError(f"{self.folder / self.files[name]} ends inside tensor {name} (truncated file)")
+                    raise ValueError(f"{self.folder / f} ends inside tensor {name} (truncated file)")
                 done += n
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
             os.close(fd)
-        self._fds = {}
 
     def __del__(self):
         try:
@@ -122,8 +153,23 @@ class Checkpoint:
 
 def _read_header(fd: int, path) -> tuple[dict, int]:
     """(the JSON header of a safetensors file, the offset its data starts at)."""
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-    return json.loads(os.pread(fd, n, 8)), 8 + n
+    raw = os.pread(fd, 8, 0)
+    (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (-1,)
+    if not 0 < n <= MAX_HEADER or 8 + n > os.fstat(fd).st_size:
+        raise ValueError(f"{path}: the safetensors header length is not valid")
+    header = json.loads(os.pread(fd, n, 8))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"short write at offset {offset + done}")
+        done += n
 
 
 def layout(model, dtype: torch.dtype | None = None, skip=()) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -157,6 +203,8 @@ class ShardWriter:
                 raise ValueError(f"tensor {name}: dtype {dtype} cannot be written to safetensors by the engine")
             if name in seen:
                 raise ValueError(f"tensor {name} appears twice in the layout")
+            if name == "__metadata__":
+                raise ValueError("a tensor cannot be named __metadata__ in safetensors")
             seen.add(name)
             nbytes = math.prod(shape) * dtype.itemsize
             if shards[-1] and size + nbytes > shard_bytes:
@@ -166,6 +214,15 @@ class ShardWriter:
             size += nbytes
         self.shards: list[tuple[str, list[str], int]] = []
         self._fds: list[int] = []
+        self.closed = False
+        try:
+            self._create(shards)
+        except BaseException:
+            self.abort()
+            raise
+        self.written: set[str] = set()
+
+    def _create(self, shards) -> None:
         for k, entries in enumerate(shards):
             header, offset = {"__metadata__": {"format": "pt"}}, 0
             for name, dtype, shape, nbytes in entries:
@@ -175,16 +232,27 @@ class ShardWriter:
             raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
             start = 8 + len(raw)
             tmp_name = f"shard-{k + 1:05d}.safetensors"
+            self.shards.append((tmp_name, [e[0] for e in entries], offset))
             fd = os.open(self.folder / tmp_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self._fds.append(fd)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
             os.ftruncate(fd, start + offset)
             for name, dtype, shape, nbytes in entries:
                 self.where[name] = (k, start + header[name]["data_offsets"][0], dtype, shape)
-            self.shards.append((tmp_name, [e[0] for e in entries], offset))
-        self.written: set[str] = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None:
+            self.abort()
+        elif not self.closed:
+            self.close()
+        return False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.closed:
+            raise ValueError(f"the writer of {self.folder} is closed; tensor {name} not written")
         if name not in self.where:
             raise ValueError(f"tensor {name} is not in the checkpoint's layout")
         if name in self.written:
@@ -194,33 +262,45 @@ class ShardWriter:
             raise ValueError(f"tensor {name} is {tensor.dtype} {tuple(tensor.shape)}; the layout says {dtype} {shape}")
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fds[k], view[done:], offset + done)
+            _pwrite_all(self._fds[k], t.reshape(-1).view(torch.uint8).numpy(), offset)
         self.written.add(name)
 
     def _close_files(self) -> None:
-        for fd in self._fds:
+        fds, self._fds = self._fds, []
+        for fd in fds:
             os.close(fd)
-        self._fds = []
 
     def abort(self) -> None:
-        """Close and remove the shards written so far."""
+        """Close and remove the shards written so far (nothing a loader could take for a model)."""
+        self.closed = True
         self._close_files()
         for tmp, _, _ in self.shards:
             (self.folder / tmp).unlink(missing_ok=True)
 
+    def __del__(self):
+        try:
+            if not self.closed:
+                self.abort()
+        except Exception:  # interpreter shutdown
+            pass
+
     def close(self) -> list[Path]:
         """Check that every tensor was written, sync, name the shards, write the index; returns the
         files written."""
+        if self.closed:
+            raise ValueError(f"the writer of {self.folder} is already closed")
         missing = [n for n in self.where if n not in self.written]
         if missing:
             self.abort()
             raise ValueError(f"tensor {missing[0]} (and {len(missing) - 1} more) was never written")
-        for fd in self._fds:
-            os.fsync(fd)
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+        except BaseException:
+            self.abort()
+            raise
         self._close_files()
+        self.closed = True
         n = len(self.shards)
         written = []
         if n == 1:
@@ -240,7 +320,22 @@ class ShardWriter:
             written.append(self.folder / INDEX)
         for p in written:
             os.chmod(p, 0o666 & ~_umask())
+        _fsync_dir(self.folder)
         return written
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable (where the platform allows syncing a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -268,11 +363,10 @@ def save_model(model, folder, *, dtype: torch.dtype | None = None, tokenizer=Non
     in shards through ``ShardWriter`` (floating-point tensors cast to ``dtype``, tied copies once)."""
     folder = Path(folder)
     skip = tied_names(model)
-    writer = ShardWriter(folder, layout(model, dtype, skip), shard_bytes)
-    for name, t in model.state_dict().items():
-        if name not in skip:
-            writer.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-    writer.close()
+    with ShardWriter(folder, layout(model, dtype, skip), shard_bytes) as writer:  # removed again on an error
+        for name, t in model.state_dict().items():
+            if name not in skip:
+                writer.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     write_config(model, folder, dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

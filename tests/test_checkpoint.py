@@ -141,3 +141,52 @@ def test_a_truncated_shard_is_refused_by_name(tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(Exception, match="incomplete metadata|truncated"):
         checkpoint.Checkpoint(tmp_path).get("x")
+
+
+def test_short_writes_are_completed_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    real = checkpoint.os.pwrite
+    calls = []
+
+    def half(fd, data, offset):  # the kernel may write less than asked (a full disk, a signal)
+        data = memoryview(data)
+        calls.append(len(data))
+        return real(fd, data[: max(1, len(data) // 2)], offset)
+
+    monkeypatch.setattr(checkpoint.os, "pwrite", half)
+    tensors = _tensors()
+    with checkpoint.ShardWriter(tmp_path / "ok", _layout(tensors), shard_bytes=64) as writer:
+        for n, t in tensors.items():
+            writer.add(n, t)
+    assert len(calls) > 2 * len(tensors)
+    for f in (tmp_path / "ok").glob("*.safetensors"):
+        for n, t in load_file(str(f)).items():
+            assert torch.equal(t, tensors[n]), n
+
+    monkeypatch.setattr(checkpoint.os, "pwrite", lambda fd, data, offset: 0)  # no space at all
+    with pytest.raises(OSError, match="short write"):
+        checkpoint.ShardWriter(tmp_path / "full", _layout(tensors))
+    assert list((tmp_path / "full").iterdir()) == []
+
+
+def test_an_error_inside_the_writer_removes_its_shards(tmp_path):
+    tensors = _tensors()
+    with pytest.raises(RuntimeError, match="stopped"):
+        with checkpoint.ShardWriter(tmp_path, _layout(tensors), shard_bytes=64) as writer:
+            writer.add("a.weight", tensors["a.weight"])
+            raise RuntimeError("stopped")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="is closed; tensor a.weight not written"):
+        writer.add("a.weight", tensors["a.weight"])
+    with pytest.raises(ValueError, match="already closed"):
+        writer.close()
+    with pytest.raises(ValueError, match="cannot be named __metadata__"):
+        checkpoint.ShardWriter(tmp_path / "m", [("__metadata__", torch.float32, (1,))])
+
+
+def test_a_closed_checkpoint_says_so(tmp_path):
+    with checkpoint.ShardWriter(tmp_path, [("x", torch.float32, (3,))]) as writer:
+        writer.add("x", torch.ones(3))
+    ck = checkpoint.Checkpoint(tmp_path)
+    ck.close()
+    with pytest.raises(ValueError, match="was closed; open it again to read x"):
+        ck.get("x")
