@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks import RESULTS_DIR  # noqa: E402
-from ecoflap_fast import data, depth, evaluate, models, objectives, walk  # noqa: E402
+from ecoflap_fast import data, depth, evaluate, models, objectives, stream, walk  # noqa: E402
 from ecoflap_fast.bench.harness import Results  # noqa: E402
 from ecoflap_fast.prune import PruneConfig, prune_  # noqa: E402
 
@@ -151,7 +152,9 @@ def main(argv=None) -> int:
                     model.save_pretrained(folders[k])
                     ideal[k] = dense_params / _compute_params(model)
                 print(line, flush=True)
-                del model
+                del model, mplan
+                gc.collect()
+                stream.release_memory()  # or the freed copies stay in the heap, a model per round
         if speed:
             for k, (pre, dec) in _speeds(folders, prompt).items():
                 prov, shape = ("dense", f"{label} K=0") if k == 0 else ("iterative", f"{label} K={k}")
@@ -175,6 +178,9 @@ def main(argv=None) -> int:
     res.add("depth_plus_width", "iterative+uniform", f"{label} K={k} s={s}", "float32", "ppl", "ppl", both)
     print(f"depth K={k} + width {s}: ppl {both:.2f}; width alone at {equiv:.4f}:", flush=True)
     for alloc in ("uniform", "ecoflap-zo"):
+        del model
+        gc.collect()
+        stream.release_memory()
         model = copy.deepcopy(base)
         prune_(model, stage2, PruneConfig(sparsity=equiv, allocator=alloc, **cfg), stage1_calibration=stage1)
         ppl = evaluate.perplexity(model, held_windows, progress=False)

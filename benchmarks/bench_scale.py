@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -146,7 +147,14 @@ def run(folder: Path, out: Path, mode: str, ranks: int, dtype: str, nsamples: in
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} run failed ({proc.returncode}): {proc.stderr[-2000:]}")
     peaks = [int(line.split("peak_rss_kib=")[1].split()[0]) for line in proc.stdout.splitlines() if "@@peak" in line]
-    return sum(peaks) * 1024, wall, proc.stdout
+    return sum(peaks) * 1024, wall, proc.stderr
+
+
+def estimated_peak(stderr: str) -> float | None:
+    """The peak the engine announced before the run (bytes, summed over ranks: each announces its
+    own), from its streaming message."""
+    found = re.findall(r"estimated peak ([\d.]+) (GiB|MiB|KiB)", stderr)
+    return sum(float(v) * {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}[u] for v, u in found) if found else None
 
 
 def main(argv=None) -> int:
@@ -168,13 +176,16 @@ def main(argv=None) -> int:
         print(f"{size}: checkpoint {ck_bytes / 2**30:.2f} GiB bf16 ({time.perf_counter() - t:.0f}s)", flush=True)
         for mode in a.modes:
             for ranks in a.ranks:
-                peak, wall, stdout = run(
+                peak, wall, stderr = run(
                     folder, a.work / f"out-{size}-{mode}-{ranks}", mode, ranks, a.dtype, a.nsamples
                 )
                 shape = f"llama-{size} ({ck_bytes / 2**30:.2f} GiB bf16), {a.nsamples}x128 tokens"
                 provider = f"{mode}, {ranks} rank{'s' if ranks > 1 else ''}"
                 res.add("peak_rss", provider, shape, a.dtype, "memory", "GiB", peak / 2**30)
                 res.add("wall_time", provider, shape, a.dtype, "time", "s", wall)
+                announced = estimated_peak(stderr)
+                if announced is not None:
+                    res.add("estimated_peak", provider, shape, a.dtype, "memory", "GiB", announced / 2**30)
                 rep = json.loads((a.work / f"out-{size}-{mode}-{ranks}" / "report.json").read_text())
                 res.add("achieved_sparsity", provider, shape, a.dtype, "sparsity", "ratio", rep["achieved_sparsity"])
                 print(

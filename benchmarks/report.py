@@ -494,13 +494,14 @@ def scale_table(rows: list[dict]) -> str:
     lines = [
         f"{rows[-1]['device']}; each row from its latest run",
         "",
-        "| checkpoint | run | peak RSS (GiB) | wall time (s) | achieved sparsity | measured |",
-        "|---|---|---:|---:|---:|---|",
+        "| checkpoint | run | peak RSS (GiB) | announced peak (GiB) | wall time (s) | achieved sparsity | measured |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for shape, prov, m in cells:
+        announced = f"{m['estimated_peak']:.2f}" if "estimated_peak" in m else "–"
         lines.append(
-            f"| {shape} | {prov} | {m['peak_rss']:.2f} | {m['wall_time']:.0f} | {m.get('achieved_sparsity', 0):.4f} "
-            f"| {m['date']}, {m['commit']} |"
+            f"| {shape} | {prov} | {m['peak_rss']:.2f} | {announced} | {m['wall_time']:.0f} "
+            f"| {m.get('achieved_sparsity', 0):.4f} | {m['date']}, {m['commit']} |"
         )
     return "\n".join(lines)
 

@@ -13,6 +13,8 @@ Peak memory: embeddings + head + about two blocks + the calibration activations.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 
 import torch
 import torch.nn as nn
@@ -65,6 +67,8 @@ class BlockLoader:
         for n, p in list(module.named_parameters()):
             _set(self.model, f"{path}.{n}", torch.empty(p.shape, dtype=p.dtype, device="meta"))
         self.loaded.discard(path)
+        if self.device.type == "cpu":
+            release_memory()
 
     def release_all(self) -> None:
         for path in list(self.loaded - self.held):
@@ -100,6 +104,24 @@ class BlockLoader:
             for h in handles:
                 h.remove()
             self.release_all()
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def release_memory() -> None:
+    """Hand freed CPU memory back to the operating system. glibc keeps freed blocks of a few MiB to
+    a few tens of MiB (most weight matrices) in its heap, where later allocations of other sizes do
+    not reuse them: a process that frees and allocates models or blocks in turn grows by about a
+    model per round without this (measured: 1.3 GiB per copy of a 0.5B model)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def open_streamed(folder, *, dtype: torch.dtype = torch.float32, device="cpu"):
