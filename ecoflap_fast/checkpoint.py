@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ._fs import _fsync_dir, _umask
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SHARD_BYTES = 2 * 1024**3  # shards of about 2 GiB (transformers writes 5 GB; hubs like 2-5 GB)
@@ -322,26 +324,6 @@ class ShardWriter:
             os.chmod(p, 0o666 & ~_umask())
         _fsync_dir(self.folder)
         return written
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames durable (where the platform allows syncing a directory)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def tied_names(model) -> set[str]:
