@@ -123,7 +123,7 @@ def run(folder: Path, out: Path, mode: str, ranks: int, dtype: str, nsamples: in
         "--force",
         "--no-progress",
     ]
-    args += ["--stream"] if mode == "stream" else ["--save-model"]
+    args += ["--stream"] if mode == "stream" else ["--no-stream", "--save-model"]  # no automatic switch
     if ranks == 1:
         cmd = [sys.executable, "-c", _RUNNER, *args]
     else:

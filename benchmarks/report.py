@@ -179,7 +179,8 @@ def quality_table(rows: list[dict]) -> str:
                 row.append("—" if v is None else fmt(v) + ratio)
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         spread = []
-        for m in methods:
+        variants = sorted({k[0] for k in q if " m=s+" in k[0]})  # ECoFLaP at other bounds m
+        for m in methods + variants:
             if m == "uniform":
                 continue
             for s in sparsities:

@@ -159,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth-nsamples", type=int, default=8, help="calibration windows for the block scorer")
     p.add_argument(
         "--stream",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="out of core: read each block from the checkpoint when it is reached, write it pruned to OUTPUT/model "
-        "and free it (switched on by itself when the weights would take over 40%% of the memory)",
+        "and free it (default: switched on by itself when the weights would take over 40%% of the memory; "
+        "--no-stream keeps the whole model in memory whatever its size)",
     )
     p.add_argument(
         "--save-dtype", default=None, choices=sorted(DTYPES), help="dtype of OUTPUT/model (default: the source's)"
@@ -431,6 +433,8 @@ def _stream_decision(a, compute_dtype, device: str) -> bool:
     than 40% of the available memory; refused (before any work) where streaming cannot help or fit."""
     from . import models, stream
 
+    if a.stream is False:
+        return False
     path = models.resolve(a.model)
     if not path.is_dir():
         if a.stream:
@@ -443,7 +447,7 @@ def _stream_decision(a, compute_dtype, device: str) -> bool:
             raise ValueError(f"--stream cannot read {a.model}: {e}") from None
         return False
     available = stream.available_memory(device)
-    on = a.stream
+    on = bool(a.stream)
     if not on and est["weights"] > 0.4 * available:
         print(
             f"ecoflap-fast: the weights take {_size(est['weights'])} in {str(compute_dtype)[6:]}, over 40% "

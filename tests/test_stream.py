@@ -3,6 +3,8 @@ gives exactly the in-memory results (weights written, scores, perplexity), holdi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from arch_zoo import build
@@ -150,7 +152,6 @@ def _cli(root, out, *extra):
 
 @pytest.mark.parametrize("allocator", ["uniform", "ecoflap-zo"])
 def test_cli_stream_equals_in_memory(cli_model, allocator, capsys):
-    import json
 
     from ecoflap_fast.cli import main
 
@@ -187,3 +188,8 @@ def test_cli_switches_streaming_on_when_memory_is_short(cli_model, monkeypatch, 
     assert main(_cli(cli_model, "too-big", "--allocator", "uniform")) == 2
     assert "even streamed, the run needs about" in capsys.readouterr().err
     assert not (cli_model / "too-big").exists()
+    # --no-stream keeps the model in memory whatever the estimate says
+    monkeypatch.setattr(stream, "available_memory", lambda device="cpu": available)
+    assert main(_cli(cli_model, "kept", "--allocator", "uniform", "--no-stream", "--save-model")) == 0
+    assert "stream" not in capsys.readouterr().err
+    assert not json.loads((cli_model / "kept" / "report.json").read_text())["streamed"]
