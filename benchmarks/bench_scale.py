@@ -8,7 +8,9 @@ streamed (``--stream``), on random LLaMA-shaped bf16 checkpoints generated on di
 Every run is a fresh ``ecoflap-fast prune`` process (uniform Wanda at 0.5, 8 calibration windows of
 128 tokens from the wiki split, SmolLM2's tokenizer); peak memory is the process's own peak RSS
 (``getrusage``), or the sum over ranks' peaks for torchrun runs; time is the wall time of the whole
-process. The checkpoint is generated once per size into ``--work`` (not a repository folder).
+process. In-memory runs pass ``--no-stream`` (no automatic switch); runs with several ranks are
+compared with the one-rank run (mask agreement). The checkpoint is generated once per size into
+``--work`` (not a repository folder).
 Appends rows to benchmarks/results/scale_cpu.csv.
 """
 
@@ -150,6 +152,25 @@ def run(folder: Path, out: Path, mode: str, ranks: int, dtype: str, nsamples: in
     return sum(peaks) * 1024, wall, proc.stderr
 
 
+def mask_agreement(a: Path, b: Path) -> tuple[float, int, int]:
+    """(fraction of weights whose pruned/kept state agrees, matrices written bit-identically, matrices)
+    between two pruned checkpoints of the same model, compared tensor by tensor."""
+    from safetensors import safe_open
+
+    maps = [json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] for d in (a, b)]
+    if set(maps[0]) != set(maps[1]):
+        raise ValueError(f"{a} and {b} hold different tensors")
+    same = total = identical = count = 0
+    for name in sorted(n for n in maps[0] if n.endswith("proj.weight")):
+        with safe_open(str(a / maps[0][name]), "pt") as fa, safe_open(str(b / maps[1][name]), "pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+        same += int(((x == 0) == (y == 0)).sum())
+        total += x.numel()
+        identical += bool(torch.equal(x, y))
+        count += 1
+    return same / total, identical, count
+
+
 def estimated_peak(stderr: str) -> float | None:
     """The peak the engine announced before the run (bytes, summed over ranks: each announces its
     own), from its streaming message."""
@@ -161,7 +182,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["0.5b", "1.1b", "3b"], choices=list(SIZES))
     p.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
-    p.add_argument("--ranks", type=int, nargs="+", default=[1])
+    p.add_argument(
+        "--ranks", type=int, nargs="+", default=[1], help="with 1 first, later rank counts are compared with it"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ecoflap-scale")
@@ -193,6 +216,16 @@ def main(argv=None) -> int:
                     f"{rep['achieved_sparsity']:.4f}",
                     flush=True,
                 )
+                if ranks > 1 and 1 in a.ranks:  # the one-process run of this mode came first
+                    agree, identical, count = mask_agreement(
+                        a.work / f"out-{size}-{mode}-1" / "model", a.work / f"out-{size}-{mode}-{ranks}" / "model"
+                    )
+                    res.add("mask_agreement", provider, shape, a.dtype, "agreement", "ratio", agree)
+                    print(
+                        f"  {provider:18s} masks agree with 1 rank's on {agree:.6f} of the weights; "
+                        f"{identical}/{count} matrices bit-identical",
+                        flush=True,
+                    )
                 res.write(a.out)
                 res.rows.clear()
     return 0

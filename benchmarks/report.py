@@ -495,14 +495,16 @@ def scale_table(rows: list[dict]) -> str:
     lines = [
         f"{rows[-1]['device']}; each row from its latest run",
         "",
-        "| checkpoint | run | peak RSS (GiB) | announced peak (GiB) | wall time (s) | achieved sparsity | measured |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| checkpoint | run | peak RSS (GiB) | announced peak (GiB) | wall time (s) | achieved sparsity "
+        "| masks as 1 rank's | measured |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for shape, prov, m in cells:
         announced = f"{m['estimated_peak']:.2f}" if "estimated_peak" in m else "–"
+        agree = f"{m['mask_agreement']:.6f}" if "mask_agreement" in m else "–"
         lines.append(
             f"| {shape} | {prov} | {m['peak_rss']:.2f} | {announced} | {m['wall_time']:.0f} "
-            f"| {m.get('achieved_sparsity', 0):.4f} | {m['date']}, {m['commit']} |"
+            f"| {m.get('achieved_sparsity', 0):.4f} | {agree} | {m['date']}, {m['commit']} |"
         )
     return "\n".join(lines)
 
