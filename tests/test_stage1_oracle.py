@@ -136,16 +136,28 @@ def _bare_encoder(kind: str):
     shape = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
     if kind == "bert":
         return BertModel(BertConfig(**shape), add_pooling_layer=False).eval(), "encoder.layer"
+    if kind == "dinov2":  # a bare vision encoder (DINOv2's backbone): the same loss on pixel inputs
+        from transformers import Dinov2Config, Dinov2Model
+
+        vision = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=28)
+        return Dinov2Model(Dinov2Config(patch_size=7, **vision)).eval(), "encoder.layer"
     return MPNetModel(MPNetConfig(**shape), add_pooling_layer=False).eval(), "encoder.layer"
 
 
-@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def _encoder_batches(kind: str, g: torch.Generator) -> list[dict]:
+    if kind == "dinov2":
+        return [{"pixel_values": torch.randn(2, 3, 28, 28, generator=g)} for _ in range(2)]
+    return [{"input_ids": torch.randint(3, 96, (2, 10), generator=g)} for _ in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet", "dinov2"])
 def test_bare_encoder_scores_match_a_naive_embedding_sensitivity(kind):
-    """Sentence embedders (no head): the naive loss, written here, is <u, e> per sequence with e the
-    unit-length mean of the last hidden states and u ~ N(0, I) from the engine's per-batch seed."""
+    """Encoders without a head (sentence embedders, vision backbones): the naive loss, written here,
+    is <u, e> per sequence with e the unit-length mean of the last hidden states and u ~ N(0, I) from
+    the engine's per-batch seed."""
     model, path = _bare_encoder(kind)
     g = torch.Generator().manual_seed(5)
-    batches = [{"input_ids": torch.randint(3, 96, (2, 10), generator=g)} for _ in range(2)]
+    batches = _encoder_batches(kind, g)
     plan = walk.plan(model, batches[0])
     names = list(plan.matrices())
     assert len(names) == 3 * 6  # q, k, v, attention output, intermediate, output per block
