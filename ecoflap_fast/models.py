@@ -10,11 +10,11 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from . import _fs
 from .hf import dtype_kw, model_class  # noqa: F401  (model_class is used by the loaders and preflight)
 
 log = logging.getLogger("ecoflap_fast")
@@ -65,17 +65,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 def convert_gguf(path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file into a safetensors Hugging Face folder (written atomically)."""
     model, tok = _load_gguf(path, torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with _fs.staged_folder(out_dir, force=True) as tmp:  # whole or not at all, one converter at a time
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

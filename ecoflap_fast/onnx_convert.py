@@ -10,12 +10,11 @@ writes the folder atomically. Reading an ONNX file parses data; no code in it is
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from . import _fs
 
 _BACKBONE = "backbone."  # the prefix of the backbone's initializers (and "/backbone/" of its nodes)
 
@@ -267,9 +266,7 @@ def _convert_dinov2_graph(g: _OnnxGraph, onnx_path: Path, out_dir: Path) -> Path
         processor = _dinov2_processor(BitImageProcessor)
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with _fs.staged_folder(out_dir, force=True) as tmp:  # whole or not at all, one converter at a time
         # The tensors keep the export's (the hub checkpoints') names; transformers renames them on load
         # where its modules are named otherwise. The folder is loaded back before it is put in place:
         # every tensor of Dinov2Model must come from the export, none left over, every shape right.
@@ -278,12 +275,6 @@ def _convert_dinov2_graph(g: _OnnxGraph, onnx_path: Path, out_dir: Path) -> Path
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         _check_complete(Dinov2Model, tmp, onnx_path)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
