@@ -246,7 +246,11 @@ def _decision(res, n_batches: int, halves: float | None, alloc, config: PruneCon
         f"{res.method} on {n_batches} stage-1 batch(es)"
     )
     if halves is None:
-        return text + "; split-half agreement not measured (one batch)"
+        return text + (
+            "; split-half agreement not measured (one batch)"
+            if n_batches < 2
+            else "; split-half agreement not measured (no per-batch scores)"
+        )
     text += f"; split-half Spearman of the scores {halves:.2f}"
     if halves < AGREEMENT_WARN:
         text += (

@@ -39,7 +39,7 @@ class Stage1Result:
     method: str
     seconds: float
     loss: str = ""
-    batch_scores: dict[int, dict[str, float]] | None = None  # per calibration batch (zeroth-order estimators)
+    batch_scores: dict[int, dict[str, float]] | None = None  # per calibration batch (gradient-based estimators)
 
 
 def _setup(model, batches, plan, objective):
@@ -312,16 +312,22 @@ def fo_scores(
     metric: str = "wg",
     progress: bool = True,
     batch_ids: list[int] | None = None,
+    per_batch: dict | None = None,
 ) -> dict[str, float]:
-    """First-order: ḡ = mean_b |g| element-wise; score Σ |W|·ḡ ('wg') or Σ ḡ ('g')."""
+    """First-order: ḡ = mean_b |g| element-wise; score Σ |W|·ḡ ('wg') or Σ ḡ ('g'). ``per_batch`` (a
+    dict) gets every batch's own term, Σ |W|·|g_b| or Σ |g_b| (the score is their mean)."""
     plan, objective, batches = _setup(model, batches, plan, objective)
     sums: dict[str, torch.Tensor] = {}
+    terms: dict[int, dict[str, float]] = per_batch if per_batch is not None else {}
 
     def on_grad(m, grad, b):
         g = grad.detach().float().abs()
+        terms.setdefault(b, {})[m.name] = float((m.weight().float().abs() * g).sum() if metric == "wg" else g.sum())
         sums[m.name] = g if m.name not in sums else sums[m.name].add_(g)
 
     _backward_pass(model, plan, objective, batches, on_grad, progress, "stage 1 (first order)", batch_ids)
+    if parallel.active():
+        _reduce_terms(terms, list(plan.matrices()))
     sums = parallel.all_reduce_tensors(sums)
     (n_batches,) = parallel.all_reduce_floats(len(batches))
     mats = plan.matrices()
@@ -367,7 +373,8 @@ def tensor_scores(
             scores = zo_grad_scores(model, batches, seed=seed, draws=draws, per_batch=per_batch, **kw)
             label = f"zeroth-order, gradient estimator <z, grad L>, {draws} draw(s) per tensor and batch"
         elif method == "fo":
-            scores, label = fo_scores(model, batches, metric=fo_metric, **kw), f"first-order ({fo_metric})"
+            scores = fo_scores(model, batches, metric=fo_metric, per_batch=per_batch, **kw)
+            label = f"first-order ({fo_metric})"
         else:
             raise ValueError(f"unknown stage-1 method {method!r}")
     finally:

@@ -22,7 +22,10 @@ def main():
         stage1_calibration=batches[:4],
     )
     if parallel.is_main():
-        torch.save({"state": model.state_dict(), "map": rep["sparsity_map"], "tokens": rep["expert_tokens"]}, out)
+        half = rep["stage1"].get("split_half_spearman")
+        torch.save(
+            {"state": model.state_dict(), "map": rep["sparsity_map"], "tokens": rep["expert_tokens"], "half": half}, out
+        )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from ecoflap_fast import PruneConfig, prune_
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("name,allocator", [("llama", "uniform"), ("llama", "ecoflap-zo"), ("mixtral", "ecoflap-zo")])
+@pytest.mark.parametrize(
+    "name,allocator",
+    [("llama", "uniform"), ("llama", "ecoflap-zo"), ("llama", "ecoflap-fo"), ("mixtral", "ecoflap-zo")],
+)
 def test_two_ranks_match_one_process(tmp_path, name, allocator):
     out = tmp_path / "dp.pt"
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
@@ -36,6 +39,10 @@ def test_two_ranks_match_one_process(tmp_path, name, allocator):
     )
     assert got["map"] == rep["sparsity_map"]
     assert got["tokens"] == rep["expert_tokens"]
+    half = rep["stage1"].get("split_half_spearman")  # from every rank's batches, as in one process
+    assert (got["half"] is None) == (half is None) and (half is None or got["half"] == pytest.approx(half, abs=1e-9))
+    if allocator.startswith("ecoflap"):
+        assert half is not None
     agree, total = 0, 0
     for k, v in model.state_dict().items():
         w = got["state"][k]

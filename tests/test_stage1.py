@@ -58,3 +58,25 @@ def test_first_order_scores_positive_and_flags_restored():
     assert set(res.tensor_scores) == set(_matrices(model, _batches()))
     assert all(v > 0 for v in res.tensor_scores.values())
     assert "first-order" in res.method
+
+
+@pytest.mark.parametrize("metric", ["wg", "g"])
+def test_first_order_per_batch_terms_average_to_the_score(metric):
+    """Each batch's own first-order term, written here from the batch's gradient, and their mean is
+    the score (what the split-half agreement of ecoflap-fo is computed from)."""
+    model = tiny_llama(layers=3)
+    batches = _batches(n=3)
+    res = stage1.tensor_scores(model, batches, method="fo", fo_metric=metric, progress=False)
+    assert sorted(res.batch_scores) == [0, 1, 2]
+    mats = _matrices(model, batches)
+    for b, ids in enumerate(batches):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for n, w in mats.items():
+            g = model.get_parameter(f"{n}.weight").grad.abs()
+            want = float((w.abs() * g).sum() if metric == "wg" else g.sum())
+            assert res.batch_scores[b][n] == pytest.approx(want, rel=1e-4), (b, n)
+    model.zero_grad(set_to_none=True)
+    for n in mats:
+        mean = sum(res.batch_scores[b][n] for b in range(3)) / 3
+        assert res.tensor_scores[n] == pytest.approx(mean, rel=1e-5), n
