@@ -285,7 +285,7 @@ def _prune(a) -> dict:
     objective = objectives.for_model(model)
     _check_loaded_context(a, model)
     is_clip = objective.kind == "contrastive"
-    vision = objective.kind in VISION_KINDS
+    vision = objective.images
     if user_pairs is not None and not vision:
         raise ValueError(
             f"--calib-images / --calib-jsonl are for vision models; {type(model).__name__} is a {objective.kind} model"
@@ -308,9 +308,10 @@ def _prune(a) -> dict:
         calib_pairs, held_pairs = data.image_caption_pairs()
         pairs = user_pairs if user_pairs is not None else calib_pairs
         calibration = data.vlm_batches(data.augment_pairs(pairs, a.nsamples), tok, model, batch_size=a.batch_size)
-        stage1_calibration = data.vlm_batches(
-            data.augment_pairs(pairs, a.stage1_nsamples), tok, model, batch_size=a.batch_size
-        )
+        # stage 1 in batches as for token windows (2 at least, for the split-half agreement), except
+        # for a contrastive loss, whose negatives are the other pairs of the batch
+        half = min(a.batch_size, max(1, a.stage1_nsamples // 2), 4) if objective.separable else a.batch_size
+        stage1_calibration = data.vlm_batches(data.augment_pairs(pairs, a.stage1_nsamples), tok, model, batch_size=half)
     else:
         calib_tokens = data.tokenize(tok, calib_texts, max_tokens=_calibration_tokens(a))
         calibration = data.calibration_windows(calib_tokens, a.nsamples, a.seqlen, a.seed)
@@ -398,9 +399,6 @@ def _prune(a) -> dict:
 
             shutil.rmtree(written, ignore_errors=True)
     return rep
-
-
-VISION_KINDS = ("contrastive", "caption-lm", "classifier")
 
 
 def _pick(q, key):
@@ -596,12 +594,15 @@ def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool, p
 
     if not a.eval:
         return None, None
-    if objective.kind in VISION_KINDS:  # the held-out image-caption pairs, by kind
+    if objective.images:  # the held-out image-caption pairs, by kind
         held = data.vlm_batches(held_pairs, tok, model, batch_size=a.batch_size)
         if objective.kind == "contrastive":
             return (lambda label: evaluate.retrieval(model, held, progress=progress)), "contrastive_loss"
         if objective.kind == "caption-lm":
             return (lambda label: evaluate.caption_loss(model, held, progress=progress)), "caption_loss"
+        if objective.kind == "representation":  # a vision backbone: its features against the dense model's
+            dense = evaluate.sentence_embeddings(model, held)
+            return (lambda label: evaluate.embedding_cosine(model, held, dense)), "embedding_cosine"
         dense = evaluate.predictions(model, held)  # before pruning
         return (lambda label: {"top1_agreement": evaluate.top1_agreement(model, held, dense)}), "top1_agreement"
     windows = data.eval_windows(
@@ -665,7 +666,7 @@ def _inspect(a) -> str:
     _reliability_checks(a, None)
     model, tok = models.load_model(a.model, trust_remote_code=a.trust_remote_code)
     objective = objectives.for_model(model)
-    if objective.kind in VISION_KINDS:
+    if objective.images:
         from . import data
 
         if tok is None:

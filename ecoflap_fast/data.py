@@ -513,7 +513,7 @@ def vlm_batches(
       the image placeholders, the prompt and padding (:func:`_caption_format` says how the pair is
       written for each processor).
     """
-    from . import objectives, walk
+    from . import objectives
 
     kind = objectives.for_model(model).kind
     if kind == "contrastive":
@@ -521,7 +521,7 @@ def vlm_batches(
     if not pairs:
         raise ValueError("no image-caption pairs")
     image_processor, _ = _parts(processor)
-    if kind == "classifier" or (kind == "representation" and walk.takes_argument(model, "pixel_values")):
+    if kind in ("classifier", "representation") and objectives.for_model(model).images:
         return [
             {"pixel_values": image_processor(_pil([p[0] for p in pairs[i : i + batch_size]]), return_tensors="pt")[
                 "pixel_values"

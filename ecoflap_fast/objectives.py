@@ -64,6 +64,7 @@ def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor | None = None) -
 class Objective:
     kind: str
     description: str
+    images: bool = False  # the model takes pixel inputs: calibrated and evaluated on images
 
     @property
     def separable(self) -> bool:
@@ -141,6 +142,12 @@ class Objective:
 
 def for_model(model) -> Objective:
     """The objective of ``model``'s kind; ValueError for a kind without one."""
+    objective = _objective_of(model)
+    objective.images = walk.takes_argument(model, "pixel_values")
+    return objective
+
+
+def _objective_of(model) -> Objective:
     cfg = model.config
     name = type(model).__name__
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -1,0 +1,68 @@
+"""Vision backbones without a head (DINOv2's Dinov2Model): calibrated on images with the
+embedding-sensitivity loss, every block matrix pruned, features compared with the dense model."""
+
+import json
+
+import pytest
+import torch
+from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+from ecoflap_fast import data, objectives, walk
+from ecoflap_fast.prune import PruneConfig, prune_
+
+
+def _backbone():
+    torch.manual_seed(0)
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=28, patch_size=7
+    )
+    processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28})
+    return Dinov2Model(cfg).eval(), processor
+
+
+def test_objective_and_batches_are_for_images():
+    model, processor = _backbone()
+    objective = objectives.for_model(model)
+    assert objective.kind == "representation" and objective.images
+    calib, _ = data.image_caption_pairs()
+    batches = data.vlm_batches(calib[:5], processor, model, batch_size=2)
+    assert [b["pixel_values"].shape for b in batches] == [(2, 3, 28, 28), (2, 3, 28, 28), (1, 3, 28, 28)]
+    assert set(batches[0]) == {"pixel_values"}
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "ecoflap-zo"])
+def test_every_block_matrix_is_pruned_and_nothing_else(allocator):
+    model, processor = _backbone()
+    calib, _ = data.image_caption_pairs()
+    batches = data.vlm_batches(data.augment_pairs(calib, 16), processor, model, batch_size=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rep = prune_(model, batches, PruneConfig(sparsity=0.5, allocator=allocator, progress=False))
+    plan = walk.plan(model, batches[0])
+    names = set(plan.matrices())
+    assert len(names) == 3 * 6  # query, key, value, attention output, fc1, fc2 per block
+    for n, p in model.named_parameters():
+        if n.endswith(".weight") and n[: -len(".weight")] in names:
+            zero = float((p == 0).float().mean())
+            assert 0.35 <= zero <= 0.65, (n, zero)  # pruned at its block's sparsity
+        else:
+            assert torch.equal(p, before[n]), n  # embeddings, norms, layer scales, biases untouched
+    assert rep["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    if allocator == "ecoflap-zo":
+        assert rep["stage1"]["split_half_spearman"] is None or -1 <= rep["stage1"]["split_half_spearman"] <= 1
+
+
+def test_cli_prunes_a_backbone_folder_and_compares_features(tmp_path, capsys):
+    from ecoflap_fast.cli import main
+
+    model, processor = _backbone()
+    folder = tmp_path / "dino"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(folder), "--sparsity", "0.5", "--eval", "--output", str(out), "--no-progress"]
+    assert main(args + ["--allocator", "ecoflap-zo", "--nsamples", "8"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["eval_metric"] == "embedding_cosine"
+    assert 0 < rep["cosine_pruned"] < 1
+    assert rep["stage1"]["split_half_spearman"] is not None  # two stage-1 batches, as for token windows
+    assert "embedding cosine" in capsys.readouterr().out
