@@ -6,6 +6,7 @@ it is converted once to a cached safetensors folder (loading GGUF takes ~25 s, t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -71,12 +72,32 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def _converting(out: Path):
+    """Yields whether the cache folder ``out`` still has to be made. When it has, the caller makes it
+    while holding a lock beside it, so a second process converting the same model waits for the first
+    and then finds the folder done, instead of failing or converting again."""
+    if (out / "config.json").is_file():
+        yield False
+        return
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent / f".{out.name}.convert.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process converts
+        yield not (out / "config.json").is_file()
+    finally:
+        os.close(fd)
+
+
 def default_model_dir() -> Path:
     """The cached safetensors folder of the default model, converted from GGUF on first use."""
     out = cache_dir() / "models" / DEFAULT_NAME
-    if not (out / "config.json").is_file():
-        log.warning("converting the default model from GGUF once (about 30 s); cached at %s", out)
-        convert_gguf(default_gguf_path(), out)
+    with _converting(out) as missing:
+        if missing:
+            log.warning("converting the default model from GGUF once (about 30 s); cached at %s", out)
+            convert_gguf(default_gguf_path(), out)
     return out
 
 
@@ -151,13 +172,18 @@ def packaged_folder(name: str) -> Path:
 def split_zip_folder(name: str) -> Path:
     """A model folder shipped as a split zip: the parts concatenated in order and extracted once into
     the cache; every member must stay inside the folder (no absolute paths, no '..')."""
+    out = cache_dir() / "models" / SPLIT_ZIPS[name][2]
+    with _converting(out) as missing:
+        if missing:
+            _extract_split_zip(name, out)
+    return out
+
+
+def _extract_split_zip(name: str, out: Path) -> None:
     import tempfile
     import zipfile
 
     pattern, count, folder = SPLIT_ZIPS[name]
-    out = cache_dir() / "models" / folder
-    if (out / "config.json").is_file():
-        return out
     parts = []
     for i in range(1, count + 1):
         files = [f for f in _dist_files(pattern.format(i)) if f".zip.{i:03d}" in str(f)]
@@ -184,7 +210,6 @@ def split_zip_folder(name: str) -> Path:
         os.replace(found[0], out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 # Backbones shipped as an ONNX export inside a PyPI package (SPEC §4): name -> (distribution, version,
@@ -210,9 +235,10 @@ def onnx_model_path(name: str) -> Path:
 def onnx_model_dir(name: str) -> Path:
     """The cached safetensors folder of a packaged ONNX backbone, converted on first use."""
     out = cache_dir() / "models" / ONNX_MODELS[name][3]
-    if not (out / "config.json").is_file():
-        log.warning("converting %s from ONNX once (a few seconds); cached at %s", name, out)
-        convert_dinov2_onnx(onnx_model_path(name), out)
+    with _converting(out) as missing:
+        if missing:
+            log.warning("converting %s from ONNX once (a few seconds); cached at %s", name, out)
+            convert_dinov2_onnx(onnx_model_path(name), out)
     return out
 
 
@@ -227,9 +253,10 @@ def convert_dinov2_onnx(onnx_path, out_dir) -> Path:
 def named_model_dir(name: str) -> Path:
     """The cached safetensors folder of a split-GGUF checkpoint, assembled and converted on first use."""
     out = cache_dir() / "models" / SPLIT_GGUF[name][3]
-    if not (out / "config.json").is_file():
-        log.warning("assembling and converting %s once; cached at %s", name, out)
-        convert_gguf(assemble_split_gguf(name), out)
+    with _converting(out) as missing:
+        if missing:
+            log.warning("assembling and converting %s once; cached at %s", name, out)
+            convert_gguf(assemble_split_gguf(name), out)
     return out
 
 

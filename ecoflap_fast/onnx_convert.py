@@ -34,6 +34,10 @@ class _OnnxGraph:
     def __init__(self, graph, numpy_helper):
         self.nh = numpy_helper
         self.inits = {t.name: t for t in graph.initializer}
+        if len(self.inits) != len(graph.initializer):
+            seen: set[str] = set()
+            twice = next(t.name for t in graph.initializer if t.name in seen or seen.add(t.name))
+            raise ValueError(f"the initializer name {twice!r} is used twice")
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in graph.node:
@@ -41,34 +45,42 @@ class _OnnxGraph:
                 self.consumers.setdefault(i, []).append(n)
         self.nodes = list(graph.node)
 
-    def array(self, name: str):
-        t = self.inits[name]
-        if t.data_location == 1:  # TensorProto.EXTERNAL: never follow paths named inside the file
-            raise ValueError(f"the initializer {name} is stored outside the ONNX file, which is not supported")
+    def _read(self, t, what: str):
+        """A tensor's values, only from the bytes inside the file."""
+        if t.data_location == 1 or len(t.external_data):  # EXTERNAL: never follow paths named in the file
+            raise ValueError(f"{what} is stored outside the ONNX file, which is not supported")
         try:
             return self.nh.to_array(t)
         except Exception as e:
-            raise ValueError(f"the initializer {name} could not be read: {type(e).__name__}") from None
+            raise ValueError(f"{what} could not be read: {type(e).__name__}") from None
+
+    def array(self, name: str):
+        return self._read(self.inits[name], f"the initializer {name}")
 
     def const(self, name: str):
         """The value of a tensor that is an initializer or a Constant node's output (through
-        Unsqueeze/Cast of one), else None."""
+        Unsqueeze/Cast/Identity of one), else None."""
         import numpy as np
 
-        if name in self.inits:
-            return self.array(name)
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return self.nh.to_array(a.t)
-            return None
-        if node.op_type in ("Unsqueeze", "Cast", "Identity") and node.input:
-            v = self.const(node.input[0])
-            return None if v is None else np.asarray(v).reshape(-1)
-        return None
+        passed: list[str] = []  # the pass-through nodes' outputs on the way to the constant
+        while True:
+            if name in self.inits:
+                v = self.array(name)
+                break
+            node = self.producer.get(name)
+            if node is None or name in passed:  # not a constant, or a cycle of pass-through nodes
+                return None
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is None:
+                    return None
+                v = self._read(value, f"the constant {name}")
+                break
+            if node.op_type not in ("Unsqueeze", "Cast", "Identity") or not node.input:
+                return None
+            passed.append(name)
+            name = node.input[0]
+        return np.asarray(v).reshape(-1) if passed else v
 
     def only_consumer(self, name: str, op_type: str):
         users = self.consumers.get(name, [])
@@ -135,8 +147,10 @@ def convert_dinov2_onnx(onnx_path, out_dir) -> Path:
     model must be filled exactly once and every backbone initializer used, else a one-line ValueError
     (and nothing is left at ``out_dir``)."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    if not onnx_path.is_file():
+    if not onnx_path.exists():
         raise FileNotFoundError(f"ONNX file {str(onnx_path)!r} does not exist")
+    if not onnx_path.is_file():
+        raise ValueError(f"ONNX path {str(onnx_path)!r} is not a regular file")
     onnx, numpy_helper = _import_onnx()
     try:
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -169,6 +183,10 @@ def _convert_dinov2_graph(g: _OnnxGraph, onnx_path: Path, out_dir: Path) -> Path
             raise ValueError(f"{onnx_path}: {key} is filled twice (the second time from {source})")
         if source in used:
             raise ValueError(f"{onnx_path}: the initializer {source} would fill two tensors")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"{onnx_path}: the initializer {source} holds {value.dtype} values, not floating point")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{onnx_path}: the initializer {source} holds NaN or Inf values")
         filled[key] = torch.from_numpy(np.array(value, dtype=np.float32, copy=True))
         used.add(source)
 

@@ -250,7 +250,8 @@ def prune_estimate(facts: ModelFacts, a, compute_dtype, dtype_name: str) -> dict
         }
         est["peak_in_memory"] = est["weights"] + est["activations"]
         est["peak_streamed"] = est["peak_in_memory"]
-    streamed = getattr(a, "stream", False) or est["weights"] > 0.4 * available_memory(a.device or "cpu")
+    choice = getattr(a, "stream", None)  # True: --stream, False: --no-stream (in memory, so checked), None: auto
+    streamed = choice or (choice is None and est["weights"] > 0.4 * available_memory(a.device or "cpu"))
     if streamed and facts.export_format is None:
         return None
     parts = {"weights": est["weights"], f"{a.nsamples}x{a.seqlen} calibration activations": est["activations"]}

@@ -229,7 +229,8 @@ def allocate(
         "tensor_scores": res.tensor_scores,
         "fallback": alloc.fallback,
     }
-    info["decision"] = _decision(res, len(stage1_batches), halves, alloc, config)
+    (n_batches,) = parallel.all_reduce_floats(len(stage1_batches))  # over every rank
+    info["decision"] = _decision(res, int(n_batches), halves, alloc, config)
     return {n: per_group[_group_of(m, config.group)] for n, m in mats.items()}, info
 
 

@@ -317,25 +317,19 @@ def fo_scores(
     """First-order: ḡ = mean_b |g| element-wise; score Σ |W|·ḡ ('wg') or Σ ḡ ('g'). ``per_batch`` (a
     dict) gets every batch's own term, Σ |W|·|g_b| or Σ |g_b| (the score is their mean)."""
     plan, objective, batches = _setup(model, batches, plan, objective)
-    sums: dict[str, torch.Tensor] = {}
     terms: dict[int, dict[str, float]] = per_batch if per_batch is not None else {}
 
-    def on_grad(m, grad, b):
+    def on_grad(m, grad, b):  # while the block's weights are there (a streamed block is freed after)
         g = grad.detach().float().abs()
         terms.setdefault(b, {})[m.name] = float((m.weight().float().abs() * g).sum() if metric == "wg" else g.sum())
-        sums[m.name] = g if m.name not in sums else sums[m.name].add_(g)
 
     _backward_pass(model, plan, objective, batches, on_grad, progress, "stage 1 (first order)", batch_ids)
     if parallel.active():
         _reduce_terms(terms, list(plan.matrices()))
-    sums = parallel.all_reduce_tensors(sums)
-    (n_batches,) = parallel.all_reduce_floats(len(batches))
-    mats = plan.matrices()
-    out = {}
-    for name, g in sums.items():
-        gbar = g / n_batches
-        out[name] = float((mats[name].weight().float().abs() * gbar).sum() if metric == "wg" else gbar.sum())
-    return out
+    # Σ |W|·ḡ with ḡ = mean_b |g_b| is the mean over the batches of Σ |W|·|g_b|
+    # (a matrix without a gradient in a batch, e.g. an expert no token reached, adds 0 for it)
+    names = [n for n in plan.matrices() if any(n in row for row in terms.values())]
+    return {n: sum(row.get(n, 0.0) for row in terms.values()) / len(terms) for n in names}
 
 
 def tensor_scores(

@@ -24,7 +24,14 @@ def main():
     if parallel.is_main():
         half = rep["stage1"].get("split_half_spearman")
         torch.save(
-            {"state": model.state_dict(), "map": rep["sparsity_map"], "tokens": rep["expert_tokens"], "half": half}, out
+            {
+                "state": model.state_dict(),
+                "map": rep["sparsity_map"],
+                "tokens": rep["expert_tokens"],
+                "half": half,
+                "decision": rep["stage1"].get("decision"),
+            },
+            out,
         )
 
 

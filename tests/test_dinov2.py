@@ -241,3 +241,102 @@ def test_missing_initializer_is_refused_without_a_partial_folder(proto, tmp_path
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in out.iterdir()) == ["sentinel"]
     assert _no_leftovers(out.parent)
+
+
+def _hostile(proto, how: str):
+    """A copy of the export changed in one hostile way."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(proto)
+    g = bad.graph
+    if how == "duplicate":  # a second initializer of the same name (the last one would win)
+        t = next(t for t in g.initializer if t.name == "backbone.encoder.layer.0.norm1.weight")
+        g.initializer.append(numpy_helper.from_array(np.full(tuple(t.dims), 7.0, np.float32), t.name))
+    elif how in ("nan", "int64"):
+        i = next(i for i, t in enumerate(g.initializer) if t.name == "backbone.encoder.layer.0.layer_scale1.lambda1")
+        a = numpy_helper.to_array(g.initializer[i]).copy()
+        if how == "nan":
+            a[0] = np.nan
+        else:
+            a = a.astype(np.int64)
+        g.initializer[i].CopyFrom(numpy_helper.from_array(a, g.initializer[i].name))
+    elif how == "external-constant":  # a Constant whose value would be read from a file beside the process
+        node = next(n for n in g.node if n.output[0] == "/backbone/layernorm/Constant_1_output_0")  # the epsilon
+        t = node.attribute[0].t
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        e = t.external_data.add()
+        e.key, e.value = "location", "eps.bin"
+    elif how == "cycle":  # the attention reshape's shape read through two Identity nodes feeding each other
+        add = next(n for n in g.node if "backbone.encoder.layer.0.attention.attention.query.bias" in n.input)
+        reshape = next(n for n in g.node if n.op_type == "Reshape" and add.output[0] in n.input)
+        reshape.input[1] = "loop_a"
+        g.node.extend(
+            [helper.make_node("Identity", ["loop_b"], ["loop_a"]), helper.make_node("Identity", ["loop_a"], ["loop_b"])]
+        )
+    return bad
+
+
+@needs_export
+@pytest.mark.parametrize(
+    "how, says",
+    [
+        ("duplicate", "is used twice"),
+        ("nan", "NaN or Inf"),
+        ("int64", "not floating point"),
+        ("external-constant", "stored outside the ONNX file"),
+        ("cycle", "attention heads"),  # a cycle is not a constant: the head count cannot be read
+    ],
+)
+def test_hostile_exports_are_refused_in_one_line(proto, tmp_path, monkeypatch, how, says):
+    import onnx
+
+    bad = tmp_path / f"{how}.onnx"
+    onnx.save(_hostile(proto, how), str(bad))
+    monkeypatch.chdir(tmp_path)
+    np.array([1e-3], np.float32).tofile(tmp_path / "eps.bin")  # what an external reference would read
+    out = tmp_path / "cache" / "dinov2-small"
+    with pytest.raises(ValueError, match=says) as e:
+        models.convert_dinov2_onnx(bad, out)
+    assert "\n" not in str(e.value)
+    assert not out.exists() and _no_leftovers(out.parent)
+
+
+def test_a_folder_given_as_the_onnx_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a regular file") as e:
+        models.convert_dinov2_onnx(tmp_path, tmp_path / "out")
+    assert "\n" not in str(e.value)
+
+
+def test_two_processes_converting_at_once_wait_for_each_other(tmp_path, monkeypatch):
+    """The second waits on the lock and then finds the folder made by the first (nothing is converted
+    twice, neither fails)."""
+    import threading
+
+    monkeypatch.setenv("ECOFLAP_CACHE", str(tmp_path))
+    calls, started, release = [], threading.Event(), threading.Event()
+
+    def slow_convert(path, out):
+        calls.append(out)
+        started.set()
+        release.wait(10)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "convert_dinov2_onnx", slow_convert)
+    monkeypatch.setattr(models, "onnx_model_path", lambda name: tmp_path / "x.onnx")
+    results = []
+    first = threading.Thread(target=lambda: results.append(models.onnx_model_dir("dinov2-small")))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.append(models.onnx_model_dir("dinov2-small")))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the first
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]

@@ -54,7 +54,8 @@ def test_split_zip_extracted_once(tmp_path, monkeypatch):
     assert (out / "config.json").read_bytes() == b"{}"
     assert out == tmp_path / "cache" / "models" / "toy"
     assert models.split_zip_folder("toy") == out  # cached
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    # nothing left beside it but the (empty) lock file that serialises conversions
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == [".toy.convert.lock"]
 
 
 def test_split_zip_member_outside_is_refused(tmp_path, monkeypatch):

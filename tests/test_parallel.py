@@ -43,6 +43,7 @@ def test_two_ranks_match_one_process(tmp_path, name, allocator):
     assert (got["half"] is None) == (half is None) and (half is None or got["half"] == pytest.approx(half, abs=1e-9))
     if allocator.startswith("ecoflap"):
         assert half is not None
+        assert got["decision"] == rep["stage1"]["decision"]  # the batch count over all ranks, not one's
     agree, total = 0, 0
     for k, v in model.state_dict().items():
         w = got["state"][k]

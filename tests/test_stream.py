@@ -32,7 +32,7 @@ def _written(folder):
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "gemma3"])
-@pytest.mark.parametrize("allocator", ["uniform", "ecoflap-zo"])
+@pytest.mark.parametrize("allocator", ["uniform", "ecoflap-zo", "ecoflap-fo"])
 def test_stream_writes_the_same_tensors_as_in_memory(saved, tmp_path, name, allocator):
     folder, batches = saved[name]
     cfg = dict(sparsity=0.5, allocator=allocator, batch_size=4, progress=False)
@@ -188,8 +188,14 @@ def test_cli_switches_streaming_on_when_memory_is_short(cli_model, monkeypatch, 
     assert main(_cli(cli_model, "too-big", "--allocator", "uniform")) == 2
     assert "even streamed, the run needs about" in capsys.readouterr().err
     assert not (cli_model / "too-big").exists()
-    # --no-stream keeps the model in memory whatever the estimate says
+    # --no-stream keeps the model in memory whatever the estimate says, and so the in-memory peak is
+    # checked: refused here before any work, run with --no-memory-check
     monkeypatch.setattr(stream, "available_memory", lambda device="cpu": available)
-    assert main(_cli(cli_model, "kept", "--allocator", "uniform", "--no-stream", "--save-model")) == 0
-    assert "stream" not in capsys.readouterr().err
+    assert main(_cli(cli_model, "kept", "--allocator", "uniform", "--no-stream", "--save-model")) == 2
+    err = capsys.readouterr().err
+    assert "this run needs about" in err and "stream" not in err.split("this run needs about")[0]
+    assert not (cli_model / "kept").exists()
+    args = _cli(cli_model, "kept", "--allocator", "uniform", "--no-stream", "--save-model", "--no-memory-check")
+    assert main(args) == 0
+    assert "streaming" not in capsys.readouterr().err
     assert not json.loads((cli_model / "kept" / "report.json").read_text())["streamed"]
