@@ -70,6 +70,7 @@ class Checkpoint:
         self.meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self.unreadable: dict[str, str] = {}  # name: a safetensors dtype torch has no type for
         self._offsets: dict[str, int] = {}
+        self.alias: dict[str, str] = {}  # a model's name -> the name this checkpoint stores it under
         try:
             for f in files:
                 self._index(f, safe_open)
@@ -105,9 +106,10 @@ class Checkpoint:
             self._offsets[name] = start + begin
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return self.alias.get(name, name) in self.files
 
     def get(self, name: str) -> torch.Tensor:
+        name = self.alias.get(name, name)
         if name in self.unreadable:
             raise ValueError(
                 f"{self.folder / self.files[name]}: tensor {name} has dtype {self.unreadable[name]}, "

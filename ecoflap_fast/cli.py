@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -475,6 +476,7 @@ def _stream_decision(a, compute_dtype, device: str) -> bool:
 def _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibration, save_dtype):
     """Stage 1 and stage 2 on a streamed skeleton; every pruned block is written to a temporary folder
     beside the output as soon as it is done. Returns (the folder, the report)."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -489,6 +491,10 @@ def _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibrati
         folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.model-", dir=out.parent))
     folder = Path(parallel.broadcast(str(folder)))
     writer = None
+    # every rank's spill of pruned upstream towers (multi-tower models), named like a temporary of
+    # the output so that a later run on it removes what a killed run left
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loader.spill_dir = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     try:
         skip = checkpoint.tied_names(model)
         writer = checkpoint.ShardWriter(folder, checkpoint.layout(model, save_dtype, skip)) if main else None
@@ -519,13 +525,15 @@ def _prune_streamed(a, model, loader, tok, calibration, config, stage1_calibrati
         loader.checkpoint = checkpoint.Checkpoint(folder)  # the pruned evaluation reads what was written
         return folder, rep
     except BaseException:
-        import shutil
-
         if main:
             if writer is not None:
                 writer.abort()
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        loader.discard_spill()  # later reads come from the written checkpoint
+        shutil.rmtree(loader.spill_dir, ignore_errors=True)
+        loader.spill_dir = None
 
 
 def _check_depth_request(a) -> None:
@@ -590,21 +598,31 @@ def _depth_only_report(model, calibration, config) -> dict:
 def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool, plan=None):
     """(measure(label) -> float, metric name) of held-out quality for this kind of model; the data
     are prepared only when --eval asks for them."""
-    from . import data, evaluate
+    from . import data, evaluate, walk
 
     if not a.eval:
         return None, None
     if objective.images:  # the held-out image-caption pairs, by kind
         held = data.vlm_batches(held_pairs, tok, model, batch_size=a.batch_size)
-        if objective.kind == "contrastive":
-            return (lambda label: evaluate.retrieval(model, held, progress=progress)), "contrastive_loss"
-        if objective.kind == "caption-lm":
-            return (lambda label: evaluate.caption_loss(model, held, progress=progress)), "caption_loss"
         if objective.kind == "representation":  # a vision backbone: its features against the dense model's
-            dense = evaluate.sentence_embeddings(model, held)
-            return (lambda label: evaluate.embedding_cosine(model, held, dense)), "embedding_cosine"
-        dense = evaluate.predictions(model, held)  # before pruning
-        return (lambda label: {"top1_agreement": evaluate.top1_agreement(model, held, dense)}), "top1_agreement"
+            dense = evaluate.sentence_embeddings(model, held, plan)
+            return (lambda label: evaluate.embedding_cosine(model, held, dense, plan)), "embedding_cosine"
+        on_demand = (lambda: walk.on_demand(plan)) if plan is not None else contextlib.nullcontext
+        if objective.kind == "contrastive":
+            measure, metric = (lambda label: evaluate.retrieval(model, held, progress=progress)), "contrastive_loss"
+        elif objective.kind == "caption-lm":
+            measure, metric = (lambda label: evaluate.caption_loss(model, held, progress=progress)), "caption_loss"
+        else:
+            with on_demand():
+                dense = evaluate.predictions(model, held)  # before pruning
+            measure = lambda label: {"top1_agreement": evaluate.top1_agreement(model, held, dense)}  # noqa: E731
+            metric = "top1_agreement"
+
+        def measured(label, measure=measure):  # a streamed model reads each block on its call
+            with on_demand():
+                return measure(label)
+
+        return measured, metric
     windows = data.eval_windows(
         data.tokenize(tok, eval_texts, max_tokens=a.eval_windows * a.eval_seqlen), a.eval_seqlen, a.eval_windows
     )
@@ -615,8 +633,8 @@ def _quality(a, model, tok, objective, eval_texts, held_pairs, progress: bool, p
             )
         ), "ppl"
     batches = [{"input_ids": w} for w in windows.split(4)]
-    dense = evaluate.sentence_embeddings(model, batches)  # before pruning
-    return (lambda label: evaluate.embedding_cosine(model, batches, dense)), "embedding_cosine"
+    dense = evaluate.sentence_embeddings(model, batches, plan)  # before pruning
+    return (lambda label: evaluate.embedding_cosine(model, batches, dense, plan)), "embedding_cosine"
 
 
 def _export(a) -> dict:

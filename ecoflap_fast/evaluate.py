@@ -46,12 +46,15 @@ def perplexity(
 
 
 @torch.no_grad()
-def blockwise_outputs(model, plan, batches: list[dict], *, progress: bool = True, desc: str = "evaluation"):
+def blockwise_outputs(
+    model, plan, batches: list[dict], *, progress: bool = True, desc: str = "evaluation", **forward_kw
+):
     """The model's outputs on every batch, computed block-major (a single-stack model): every block is
-    held once for all batches, the last block runs inside the model's own forward for the remainder."""
+    held once for all batches, the last block runs inside the model's own forward for the remainder.
+    ``forward_kw`` go to the model's forward."""
     if len(plan.stacks) != 1:
         with walk.on_demand(plan):
-            return [walk.forward(model, b) for b in batches]
+            return [walk.forward(model, b, **forward_kw) for b in batches]
     (stack,) = plan.stacks
     inputs = walk.capture(model, stack, batches)
     for block in tqdm(stack.blocks[:-1], desc=desc, disable=not progress, leave=False):
@@ -62,7 +65,7 @@ def blockwise_outputs(model, plan, batches: list[dict], *, progress: bool = True
     with walk.holding(last):
         for batch, inp in zip(batches, inputs):
             with walk.starting_at(last, inp.hidden):
-                outs.append(walk.forward(model, batch))
+                outs.append(walk.forward(model, batch, **forward_kw))
     return outs
 
 
@@ -78,20 +81,25 @@ def contrastive_loss(model, batches: list[dict], *, progress: bool = True) -> fl
 
 
 @torch.no_grad()
-def sentence_embeddings(model, batches: list[dict]) -> list[torch.Tensor]:
-    """Normalised mean-pooled last hidden states (padding excluded), fp32 [B, C] per batch."""
+def sentence_embeddings(model, batches: list[dict], plan=None) -> list[torch.Tensor]:
+    """Normalised mean-pooled last hidden states (padding excluded), fp32 [B, C] per batch. ``plan``
+    of a streamed model: computed block by block, each block read once."""
+    if plan is not None and plan.loader is not None:
+        outputs = blockwise_outputs(model, plan, batches, progress=False, output_hidden_states=True)
+    else:
+        outputs = (walk.forward(model, b, output_hidden_states=True) for b in batches)
     embeddings = []
-    for b in batches:
-        out = walk.forward(model, b, output_hidden_states=True)
+    for b, out in zip(batches, outputs):
         h = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
         embeddings.append(objectives.sentence_embedding(h, b.get("attention_mask")))
     return embeddings
 
 
 @torch.no_grad()
-def embedding_cosine(model, batches: list[dict], dense: list[torch.Tensor]) -> float:
+def embedding_cosine(model, batches: list[dict], dense: list[torch.Tensor], plan=None) -> float:
     """Mean cosine between the model's sentence embeddings and the dense model's (``dense``)."""
-    cos = [F.cosine_similarity(e, d.to(e.device), dim=-1) for e, d in zip(sentence_embeddings(model, batches), dense)]
+    mine = sentence_embeddings(model, batches, plan)
+    cos = [F.cosine_similarity(e, d.to(e.device), dim=-1) for e, d in zip(mine, dense)]
     return float(torch.cat(cos).mean())
 
 

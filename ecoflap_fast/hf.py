@@ -32,3 +32,32 @@ def model_class(config):
         if auto is not None and type(config) in auto._model_mapping:
             return auto._model_mapping[type(config)]
     raise ValueError(f"no transformers model class is known for a {type(config).__name__}")
+
+
+def renamed_checkpoint_names(model, names) -> dict[str, str]:
+    """model tensor name -> checkpoint tensor name, for the tensors of a checkpoint saved under names
+    transformers renames when it loads them (e.g. DINOv2's ``attention.attention.query`` that
+    transformers 5 loads as ``attention.q_proj``): transformers' own renaming rules for the model
+    (its conversion mapping) applied to every checkpoint name that is not a model name. Only pure
+    renames are followed; a tensor transformers would split or merge on load is left out (it stays
+    missing, and the caller says so). Empty where this transformers has no renaming rules."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers < 5: checkpoints load under their own names
+        return {}
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # a model transformers has no mapping for
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    out: dict[str, str] = {}
+    for name in names:
+        if name in state:
+            continue
+        new, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        if converter is None and new in state and new not in names and new not in out:
+            out[new] = name
+    return out

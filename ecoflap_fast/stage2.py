@@ -30,9 +30,13 @@ def sequential(
     desc: str = "stage 2",
     progress: bool = True,
     after_block=None,
+    keep_changes: bool = False,
 ) -> None:
     """``on_block(block, stats, tokens)`` for every block of every stack, in forward order; then
-    ``after_block(block)`` (e.g. writing a streamed block's pruned tensors) while it is still held."""
+    ``after_block(block)`` (e.g. writing a streamed block's pruned tensors) while it is still held.
+    With ``keep_changes`` (``on_block`` prunes) a streamed model's blocks of every tower but the last are
+    spilled once done (``BlockLoader.spill``): the later towers' inputs then come from the pruned
+    upstream blocks, not from the checkpoint."""
     was_training = model.training
     model.eval()
     try:
@@ -46,6 +50,8 @@ def sequential(
                     walk.advance(block, inputs)
                     if after_block is not None:
                         after_block(block)
+                    if keep_changes and plan.loader is not None and stack is not plan.stacks[-1]:
+                        plan.loader.spill(block.path)  # a later tower is calibrated on it as pruned
     finally:
         model.train(was_training)
 

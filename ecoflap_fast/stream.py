@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -37,11 +38,14 @@ class BlockLoader:
     """Reads the tensors of one module subtree (a block) from ``checkpoint`` into ``model`` and frees
     them again; tensors the checkpoint does not hold (non-persistent buffers) are left as they are."""
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, device="cpu"):
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, device="cpu", spill_dir=None):
         self.model, self.checkpoint, self.dtype, self.device = model, checkpoint, dtype, torch.device(device)
         self.loaded: set[str] = set()
         self.held: set[str] = set()  # loaded by hold(): on-demand calls leave them in memory
         self.reads = 0
+        self.spill_dir = spill_dir  # where spill() keeps blocks (a temporary folder made inside it)
+        self.spilled: dict[str, Path] = {}  # block path -> the file it is read from instead of the checkpoint
+        self._spill_root: Path | None = None
 
     def _names(self, path: str) -> list[str]:
         module = self.model.get_submodule(path)
@@ -52,6 +56,15 @@ class BlockLoader:
     def load(self, path: str) -> None:
         if path in self.loaded:
             return
+        if path in self.spilled:
+            from safetensors import safe_open
+
+            with safe_open(str(self.spilled[path]), framework="pt") as f:
+                for name in f.keys():
+                    _set(self.model, name, f.get_tensor(name).to(self.device))
+                    self.reads += 1
+            self.loaded.add(path)
+            return
         for name in self._names(path):
             if name not in self.checkpoint:
                 raise ValueError(f"the checkpoint {self.checkpoint.folder} has no tensor {name}")
@@ -59,6 +72,39 @@ class BlockLoader:
             _set(self.model, name, t.to(self.device, self.dtype if t.is_floating_point() else t.dtype))
             self.reads += 1
         self.loaded.add(path)
+
+    def spill(self, path: str) -> None:
+        """Keep block ``path`` as it is now (pruned, in the compute dtype): its tensors go to a file in a
+        temporary folder, and every later load of the block reads them from there instead of the
+        checkpoint. Stage 2 spills the blocks of a tower whose output feeds a later tower, so that
+        the later tower is calibrated on the pruned upstream tower, as in memory."""
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        if path not in self.loaded:
+            raise ValueError(f"block {path} is not in memory, so it cannot be spilled")
+        if self._spill_root is None:
+            self._spill_root = Path(tempfile.mkdtemp(prefix=".ecoflap-spill-", dir=self.spill_dir))
+        state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        tensors = {n: state[n].detach().cpu().contiguous() for n in self._names(path)}
+        file = self._spill_root / f"{len(self.spilled):05d}.safetensors"
+        save_file(tensors, str(file))
+        self.spilled[path] = file
+
+    def discard_spill(self) -> None:
+        """Forget the spilled blocks (later loads read the checkpoint again) and remove their files."""
+        import shutil
+
+        root, self._spill_root, self.spilled = self._spill_root, None, {}
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def __del__(self):
+        try:
+            self.discard_spill()
+        except Exception:  # interpreter shutdown
+            pass
 
     def release(self, path: str) -> None:
         if path not in self.loaded:
@@ -137,6 +183,7 @@ def open_streamed(folder, *, dtype: torch.dtype = torch.float32, device="cpu"):
     with init_empty_weights(include_buffers=False):
         model = hf.model_class(config)._from_config(config, **hf.dtype_kw(dtype))
     model.eval()
+    checkpoint.alias = hf.renamed_checkpoint_names(model, list(checkpoint.files))  # names it loads under
     stacks = [s.path for s in walk.structure(model).stacks]
     inside = lambda name: any(name.startswith(p + ".") for p in stacks)  # noqa: E731
     state = model.state_dict(keep_vars=True)
@@ -156,8 +203,8 @@ def open_streamed(folder, *, dtype: torch.dtype = torch.float32, device="cpu"):
     absent = [n for n in state if inside(n) and isinstance(state[n], nn.Parameter) and n not in checkpoint]
     if absent:
         raise ValueError(
-            f"the checkpoint {folder} has no tensor {absent[0]}: --stream needs a checkpoint whose tensor names "
-            "match the model (load it once in memory and save it with save_pretrained)"
+            f"the checkpoint {folder} has no tensor {absent[0]} (nor one transformers renames to it): --stream needs "
+            "a checkpoint whose tensors load one to one (load it once in memory and save it with --save-model)"
         )
     for name, buf in model.named_buffers():
         if not inside(name) and buf.device != torch.device(device):

@@ -274,3 +274,23 @@ def test_inspect_lists_the_towers(folders, capsys):
     out = capsys.readouterr().out
     for tower, (path,) in TOWERS["blip2"].items():
         assert f"{tower:9s} {path}:" in out
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_streamed_evaluation_equals_in_memory(folders, name):
+    """--stream --eval on every kind of vision model (caption loss, contrastive loss, top-1 agreement):
+    the blocks are read on their call during the evaluation, and the figures equal an in-memory run's
+    (uniform allocation: a streamed stage 1 needs a single block stack)."""
+    assert main(_run(folders, name, f"{name}-mem", "--eval", "--no-stream", "--allocator", "uniform")) == 0
+    assert main(_run(folders, name, f"{name}-str", "--eval", "--stream", "--allocator", "uniform")) == 0
+    ra, rb = (json.loads((folders / "runs" / o / "report.json").read_text()) for o in (f"{name}-mem", f"{name}-str"))
+    assert rb["streamed"] and not ra["streamed"]
+    assert ra["layer_sparsity"] == rb["layer_sparsity"]
+    figures = {k: ra[k] for k in ("loss_dense", "loss_pruned") if ra.get(k) is not None}
+    for phase in ("dense", "pruned"):  # nested figures (caption loss, top-1 agreement)
+        figures |= {f"{phase}.{k}": v for k, v in (ra.get("eval") or {}).get(phase, {}).items()}
+    streamed = {k: rb[k] for k in ("loss_dense", "loss_pruned") if k in figures}
+    for phase in ("dense", "pruned"):
+        streamed |= {f"{phase}.{k}": v for k, v in (rb.get("eval") or {}).get(phase, {}).items()}
+    assert figures and streamed == pytest.approx(figures, rel=1e-6)
+    assert not [p.name for p in (folders / "runs").iterdir() if p.name.startswith(".")]  # no spill left

@@ -269,6 +269,11 @@ def _hostile(proto, how: str):
         t.data_location = TensorProto.EXTERNAL
         e = t.external_data.add()
         e.key, e.value = "location", "eps.bin"
+    elif how == "tanh":  # GELU's Erf computed as Tanh: every weight right, the function not
+        next(n for n in g.node if n.op_type == "Erf").op_type = "Tanh"
+    elif how == "custom-op":  # an operator of another domain in the backbone: the check would not run it
+        node = next(n for n in g.node if n.op_type == "Erf")
+        node.op_type, node.domain = "Erf", "com.example"
     elif how == "cycle":  # the attention reshape's shape read through two Identity nodes feeding each other
         add = next(n for n in g.node if "backbone.encoder.layer.0.attention.attention.query.bias" in n.input)
         reshape = next(n for n in g.node if n.op_type == "Reshape" and add.output[0] in n.input)
@@ -288,6 +293,8 @@ def _hostile(proto, how: str):
         ("int64", "not floating point"),
         ("external-constant", "stored outside the ONNX file"),
         ("cycle", "attention heads"),  # a cycle is not a constant: the head count cannot be read
+        ("tanh", "does not compute what the graph computes"),  # found by running both on one input
+        ("custom-op", "control flow or custom functions"),
     ],
 )
 def test_hostile_exports_are_refused_in_one_line(proto, tmp_path, monkeypatch, how, says):

@@ -3,6 +3,7 @@ extracted only when every member stays inside its folder, a missing package is n
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -85,3 +86,44 @@ def test_split_gguf_size_checked_and_missing_package_named(tmp_path, monkeypatch
     monkeypatch.setitem(models.SPLIT_GGUF, "toy3", ("g{}", 3, 21, "Toy3"))
     with pytest.raises(FileNotFoundError, match="needs the package g3"):
         models.assemble_split_gguf("toy3")
+
+
+def test_split_zip_made_again_when_its_packages_change(tmp_path, monkeypatch):
+    """The cache records the versions of the packages it was made from; another installed version
+    (or a cache from before the record) is extracted again, replacing the old folder in one step."""
+    monkeypatch.setenv("ECOFLAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.SPLIT_ZIPS, "toy", ("d-{:03d}", 2, "toy"))
+    installed = {"d-001": "1.0", "d-002": "1.0"}
+    monkeypatch.setattr(models, "_installed_versions", lambda dists: {d: installed[d] for d in dists})
+    _fake_dists(monkeypatch, _split_zip(tmp_path, {"toy/config.json": b"{}", "toy/tokenizer_config.json": b"v1"}))
+    out = models.split_zip_folder("toy")
+    assert (out / "tokenizer_config.json").read_bytes() == b"v1"
+    assert json.loads((out / models.SOURCE_STAMP).read_text()) == installed
+    (out / "user-note").write_text("a file of the old extraction")
+    assert models.split_zip_folder("toy") == out and (out / "user-note").exists()  # same versions: reused
+
+    installed["d-002"] = "2.0"  # a newer package with other contents
+    _fake_dists(monkeypatch, _split_zip(tmp_path, {"toy/config.json": b"{}", "toy/tokenizer_config.json": b"v2"}))
+    assert models.split_zip_folder("toy") == out
+    assert (out / "tokenizer_config.json").read_bytes() == b"v2" and not (out / "user-note").exists()
+    assert json.loads((out / models.SOURCE_STAMP).read_text()) == installed
+
+    (out / models.SOURCE_STAMP).unlink()  # a cache made before versions were recorded
+    (out / "user-note").write_text("x")
+    models.split_zip_folder("toy")
+    assert not (out / "user-note").exists() and (out / models.SOURCE_STAMP).is_file()
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == [".toy.convert.lock"]
+
+
+def test_cache_is_used_as_it_is_when_its_package_is_gone(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECOFLAP_CACHE", str(tmp_path / "cache"))
+    made = []
+
+    def make(o):
+        made.append(o)
+        o.mkdir(parents=True)
+        (o / "config.json").write_text("{}")
+
+    out = models._cached("toy", None, make, ["no-such-dist-x"])
+    assert made == [out] and not (out / models.SOURCE_STAMP).exists()
+    assert models._cached("toy", None, make, ["no-such-dist-x"]) == out and len(made) == 1

@@ -129,6 +129,16 @@ def test_split_half_agreement_is_reported():
     assert math.isfinite(info["split_half_spearman"])
 
 
+def test_split_half_agreement_ranks_what_is_allocated():
+    from ecoflap_fast.prune import split_half_agreement
+
+    # three groups of sizes 1, 10, 100; the halves order the sums differently but the averages alike
+    groups = {"a": ["a.w"], "b": ["b.w"], "c": ["c.w"]}
+    batches = {0: {"a.w": 1.0, "b.w": 20.0, "c.w": 50.0}, 1: {"a.w": 1.0, "b.w": 30.0, "c.w": 25.0}}
+    assert split_half_agreement(batches, groups, ["a", "b", "c"]) == pytest.approx(0.5)
+    assert split_half_agreement(batches, groups, ["a", "b", "c"], sizes=[1, 10, 100]) == pytest.approx(1.0)
+
+
 def _bare_encoder(kind: str):
     from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 

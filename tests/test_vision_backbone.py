@@ -66,3 +66,34 @@ def test_cli_prunes_a_backbone_folder_and_compares_features(tmp_path, capsys):
     assert 0 < rep["cosine_pruned"] < 1
     assert rep["stage1"]["split_half_spearman"] is not None  # two stage-1 batches, as for token windows
     assert "embedding cosine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "ecoflap-zo"])
+def test_cli_stream_reads_a_folder_saved_under_the_names_transformers_renames(tmp_path, allocator):
+    """save_pretrained writes DINOv2's attention as ``attention.attention.query`` (the hub names) and
+    transformers renames them to ``attention.q_proj`` on load: a streamed run reads them through the same
+    renaming and writes the same pruned tensors as an in-memory run, with the same report."""
+    from safetensors import safe_open
+
+    from ecoflap_fast import checkpoint
+    from ecoflap_fast.cli import main
+
+    model, processor = _backbone()
+    folder = tmp_path / "dino"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert "encoder.layer.0.attention.attention.query.weight" in stored  # the case this test is about
+    assert "encoder.layer.0.attention.q_proj.weight" in model.state_dict()
+    common = ["prune", "--model", str(folder), "--sparsity", "0.5", "--nsamples", "8", "--no-progress"]
+    common += ["--allocator", allocator, "--eval"]
+    assert main(common + ["--output", str(tmp_path / "mem"), "--no-stream", "--save-model"]) == 0
+    assert main(common + ["--output", str(tmp_path / "str"), "--stream"]) == 0
+    ra, rb = (json.loads((tmp_path / o / "report.json").read_text()) for o in ("mem", "str"))
+    assert rb["streamed"] and not ra["streamed"]
+    assert ra["layer_sparsity"] == rb["layer_sparsity"] and ra["cosine_pruned"] == rb["cosine_pruned"]
+    a, b = (checkpoint.Checkpoint(tmp_path / o / "model") for o in ("mem", "str"))
+    assert set(a.files) == set(b.files) and all(torch.equal(a.get(n), b.get(n)) for n in a.files)
+    loaded, info = Dinov2Model.from_pretrained(tmp_path / "str" / "model", output_loading_info=True)
+    assert not any(info.values())
