@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from naive_reference import block_zero_fraction
 from vlm_zoo import TOWERS, build_model, build_vlm, held_out
 
-from ecoflap_fast import evaluate
+from ecoflap_fast import checkpoint, evaluate
 from ecoflap_fast.cli import main
 from ecoflap_fast.prune import PruneConfig, prune_
 
@@ -276,14 +276,18 @@ def test_inspect_lists_the_towers(folders, capsys):
         assert f"{tower:9s} {path}:" in out
 
 
-@pytest.mark.parametrize("name", SAVED)
-def test_streamed_evaluation_equals_in_memory(folders, name):
+@pytest.mark.parametrize("name, allocator", [(n, "uniform") for n in SAVED] + [("llava", "owl")])
+def test_streamed_run_equals_in_memory(folders, name, allocator):
     """--stream --eval on every kind of vision model (caption loss, contrastive loss, top-1 agreement):
-    the blocks are read on their call during the evaluation, and the figures equal an in-memory run's
-    (uniform allocation: a streamed stage 1 needs a single block stack)."""
-    assert main(_run(folders, name, f"{name}-mem", "--eval", "--no-stream", "--allocator", "uniform")) == 0
-    assert main(_run(folders, name, f"{name}-str", "--eval", "--stream", "--allocator", "uniform")) == 0
-    ra, rb = (json.loads((folders / "runs" / o / "report.json").read_text()) for o in (f"{name}-mem", f"{name}-str"))
+    the later towers are calibrated on the pruned upstream towers (spilled, not read again from the
+    checkpoint), the blocks are read on their call during the evaluation, and the figures equal an
+    in-memory run's (uniform and OWL allocation: a streamed stage 1 needs a single block stack)."""
+    mem, streamed = f"{name}-{allocator}-mem", f"{name}-{allocator}-str"
+    assert main(_run(folders, name, mem, "--eval", "--no-stream", "--allocator", allocator, "--save-model")) == 0
+    assert main(_run(folders, name, streamed, "--eval", "--stream", "--allocator", allocator)) == 0
+    a, b = (checkpoint.Checkpoint(folders / "runs" / o / "model") for o in (mem, streamed))
+    assert set(a.files) == set(b.files) and all(torch.equal(a.get(n), b.get(n)) for n in a.files)
+    ra, rb = (json.loads((folders / "runs" / o / "report.json").read_text()) for o in (mem, streamed))
     assert rb["streamed"] and not ra["streamed"]
     assert ra["layer_sparsity"] == rb["layer_sparsity"]
     figures = {k: ra[k] for k in ("loss_dense", "loss_pruned") if ra.get(k) is not None}
