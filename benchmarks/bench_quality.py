@@ -94,8 +94,17 @@ def main(argv=None) -> int:
         help="ECoFLaP's bound m = sparsity + this (default: the engine's, 0.1); rows are then named "
         '"<method> m=s+<offset>"',
     )
+    p.add_argument(
+        "--stage1-nsamples",
+        type=int,
+        default=STAGE1_WINDOWS,
+        help=f"ECoFLaP's stage-1 windows of 128 tokens (default {STAGE1_WINDOWS}; batches of up to 4, at least "
+        'two); rows are then named "<method> n1=<windows>"',
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "quality_cpu.csv")
     a = p.parse_args(argv)
+    if a.stage1_nsamples < 2:
+        p.error(f"--stage1-nsamples must be at least 2, got {a.stage1_nsamples}")
     dtype = getattr(torch, a.dtype)
     calib_texts, held_texts = data.split(data.wiki_articles())
     for name in a.models:
@@ -119,10 +128,10 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             if vision:  # images: batches of 8 views for stage 2, 2 batches of 2 for stage 1
                 calibration = _image_batches(base, tok, calib_pairs, nsamples, seed, 8)
-                stage1 = _image_batches(base, tok, calib_pairs, STAGE1_WINDOWS, seed + 1, 2)
+                stage1 = _image_batches(base, tok, calib_pairs, a.stage1_nsamples, seed + 1, 2)
             else:
                 calibration = data.calibration_windows(tokens, nsamples, seqlen, seed)
-                stage1 = data.calibration_windows(tokens, STAGE1_WINDOWS, 128, seed + 1)
+                stage1 = data.calibration_windows(tokens, a.stage1_nsamples, 128, seed + 1)
             for s in a.sparsities:
                 for method in a.methods:
                     if seed != a.seeds[0] and a.seed_methods is not None and method not in a.seed_methods:
@@ -141,6 +150,8 @@ def main(argv=None) -> int:
                         progress=False,
                     )
                     provider = f"{method} m=s+{a.max_sparsity_offset:g}" if bound else method
+                    if method.startswith("ecoflap") and a.stage1_nsamples != STAGE1_WINDOWS:
+                        provider += f" n1={a.stage1_nsamples}"
                     t = time.perf_counter()
                     rep = prune_(model, calibration, cfg, stage1_calibration=stage1)
                     q = measure(model)
