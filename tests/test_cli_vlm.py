@@ -298,3 +298,26 @@ def test_streamed_run_equals_in_memory(folders, name, allocator):
         streamed |= {f"{phase}.{k}": v for k, v in (rb.get("eval") or {}).get(phase, {}).items()}
     assert figures and streamed == pytest.approx(figures, rel=1e-6)
     assert not [p.name for p in (folders / "runs").iterdir() if p.name.startswith(".")]  # no spill left
+
+
+def test_streamed_run_checks_the_disk_for_its_checkpoint_and_spill(folders, monkeypatch, capsys):
+    """Before any work: the pruned checkpoint a streamed run writes as it goes, plus the upstream towers
+    it keeps in the compute dtype, must fit; with room for the checkpoint alone a LLaVA run is refused."""
+    import shutil as sh
+
+    from ecoflap_fast import _fs
+
+    written = sum(p.stat().st_size for p in (folders / "llava").glob("*.safetensors"))  # fp32 source, fp32 out
+    real = sh.disk_usage
+
+    def short(path, free):
+        return real(path)._replace(free=free)
+
+    out = folders / "runs" / "disk"
+    monkeypatch.setattr(_fs.shutil, "disk_usage", lambda p: short(p, int(written * 1.02)))
+    assert main(_run(folders, "llava", "disk", "--stream", "--allocator", "uniform")) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in out.parent.glob(".disk*")]
+    monkeypatch.setattr(_fs.shutil, "disk_usage", lambda p: short(p, int(written * 3)))
+    assert main(_run(folders, "llava", "disk", "--stream", "--allocator", "uniform")) == 0

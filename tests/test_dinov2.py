@@ -253,8 +253,28 @@ def _hostile(proto, how: str):
         t.data_location = TensorProto.EXTERNAL
         e = t.external_data.add()
         e.key, e.value = "location", "eps.bin"
-    elif how == "tanh":  # GELU's Erf computed as Tanh: every weight right, the function not
+    elif how == "tanh":  # GELU's Erf computed as Tanh: an operator a DINOv2 export does not use
         next(n for n in g.node if n.op_type == "Erf").op_type = "Tanh"
+    elif how == "sub-add":  # a layer norm's mean added instead of subtracted: every weight right, the function not
+        next(n for n in g.node if n.op_type == "Sub" and "/backbone/encoder/" in n.name).op_type = "Add"
+    elif how == "memory":  # a 40000 x 40000 product, multiplied by 0, added before the final norm
+        ln = next(n for n in g.node if "backbone.layernorm.bias" in n.input)
+        x = next(n for n in g.node if ln.input[0] in n.output)  # the norm's input is made by this node
+        big = numpy_helper.from_array(np.array([40000, 40000], np.int64), "big_shape")
+        zero = numpy_helper.from_array(np.zeros((), np.float32), "big_zero")
+        g.initializer.extend([big, zero])
+        added = [
+            helper.make_node("ConstantOfShape", ["big_shape"], ["big_a"]),
+            helper.make_node("MatMul", ["big_a", "big_a"], ["big_b"]),
+            helper.make_node("ReduceMean", ["big_b"], ["big_c"], keepdims=0),
+            helper.make_node("Mul", ["big_c", "big_zero"], ["big_d"]),
+            helper.make_node("Add", ["big_x", "big_d"], [x.output[0]]),
+        ]
+        x.output[0] = "big_x"
+        at = list(g.node).index(x) + 1
+        nodes = list(g.node)
+        del g.node[:]
+        g.node.extend(nodes[:at] + added + nodes[at:])  # still in topological order
     elif how == "custom-op":  # an operator of another domain in the backbone: the check would not run it
         node = next(n for n in g.node if n.op_type == "Erf")
         node.op_type, node.domain = "Erf", "com.example"
@@ -277,8 +297,10 @@ def _hostile(proto, how: str):
         ("int64", "not floating point"),
         ("external-constant", "stored outside the ONNX file"),
         ("cycle", "attention heads"),  # a cycle is not a constant: the head count cannot be read
-        ("tanh", "does not compute what the graph computes"),  # found by running both on one input
-        ("custom-op", "control flow or custom functions"),
+        ("tanh", "operators a DINOv2 export does not"),
+        ("sub-add", "does not compute what the graph computes"),  # found by running both on one input
+        ("memory", "could not be run for the output check: MemoryError"),  # stopped by the child's limit
+        ("custom-op", "operators a DINOv2 export does not"),
     ],
 )
 def test_hostile_exports_are_refused_in_one_line(proto, tmp_path, monkeypatch, how, says):
@@ -331,3 +353,17 @@ def test_two_processes_converting_at_once_wait_for_each_other(tmp_path, monkeypa
     first.join(10)
     second.join(10)
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+
+
+@needs_export
+def test_the_output_check_runs_within_a_time_budget(onnx_path, tmp_path, monkeypatch):
+    """The graph is run in a child process stopped at the budget (here 1 s, shorter than the real
+    check), so a graph built to run for ever cannot hang the conversion and its lock."""
+    from ecoflap_fast import onnx_convert
+
+    monkeypatch.setattr(onnx_convert, "_CHECK_SECONDS", 1)
+    out = tmp_path / "cache" / "dinov2-small"
+    with pytest.raises(ValueError, match="did not finish the output check within 1 s") as e:
+        models.convert_dinov2_onnx(onnx_path, out)
+    assert "\n" not in str(e.value)
+    assert not out.exists() and _no_leftovers(out.parent)

@@ -127,3 +127,36 @@ def test_cache_is_used_as_it_is_when_its_package_is_gone(tmp_path, monkeypatch):
     out = models._cached("toy", None, make, ["no-such-dist-x"])
     assert made == [out] and not (out / models.SOURCE_STAMP).exists()
     assert models._cached("toy", None, make, ["no-such-dist-x"]) == out and len(made) == 1
+
+
+@pytest.mark.parametrize("how", ["nested", "fifo", "symlink", "list"])
+def test_a_hostile_source_record_means_made_again(tmp_path, monkeypatch, how):
+    """The version record is advisory: deeply nested JSON, a FIFO, a symbolic link or another JSON type
+    in its place make the cache be made again, without hanging or failing."""
+    import os
+    import threading
+
+    monkeypatch.setenv("ECOFLAP_CACHE", str(tmp_path / "cache"))
+    made = []
+
+    def make(o):
+        made.append(o)
+        o.mkdir(parents=True, exist_ok=True)
+        (o / "config.json").write_text("{}")
+
+    out = models._cached("toy", None, make, ["pytest"])
+    record = out / models.SOURCE_STAMP
+    record.unlink()
+    if how == "nested":
+        record.write_text("[" * 200_000 + "]" * 200_000)
+    elif how == "fifo":
+        os.mkfifo(record)
+    elif how == "symlink":
+        os.symlink("/dev/zero", record)
+    else:
+        record.write_text("[1, 2]")
+    done = threading.Thread(target=models._cached, args=("toy", None, make, ["pytest"]), daemon=True)
+    done.start()
+    done.join(20)
+    assert not done.is_alive()
+    assert len(made) == 2 and json.loads(record.read_text()) == models._installed_versions(["pytest"])

@@ -139,6 +139,34 @@ def test_split_half_agreement_ranks_what_is_allocated():
     assert split_half_agreement(batches, groups, ["a", "b", "c"], sizes=[1, 10, 100]) == pytest.approx(1.0)
 
 
+def test_allocation_reports_the_split_half_of_averaged_scores(monkeypatch):
+    """Per-tensor groups of different sizes with group_reduce="avg": the reported agreement is that of
+    the per-parameter scores the allocation uses, not of the sums (halves built so the two differ)."""
+    from ecoflap_fast import PruneConfig, objectives, prune, stage1
+    from ecoflap_fast.prune import spearman
+
+    model, batches = build("llama")
+    plan = walk.plan(model, batches[0])
+    mats = plan.matrices()
+    names = sorted(mats, key=lambda n: mats[n].numel)
+    sizes = {n: mats[n].numel for n in names}
+    g = torch.Generator().manual_seed(0)
+    # per-parameter scores drawn independently for the two halves, in a narrow range: the averages
+    # disagree, while the sums follow the sizes and agree
+    halves = {h: {n: (1 + 0.1 * float(torch.rand((), generator=g))) * sizes[n] for n in names} for h in (0, 1)}
+    fake = stage1.Stage1Result(
+        tensor_scores={n: halves[0][n] + halves[1][n] for n in names}, method="fake", seconds=0.0, batch_scores=halves
+    )
+    monkeypatch.setattr(stage1, "tensor_scores", lambda *a, **k: fake)
+    cfg = PruneConfig(sparsity=0.5, allocator="ecoflap-zo", group="tensor", group_reduce="avg", progress=False)
+    _, info = prune.allocate(model, plan, cfg, batches, batches, objectives.for_model(model))
+    keys = list(info["group_scores"])
+    want = spearman([halves[0][k] / sizes[k] for k in keys], [halves[1][k] / sizes[k] for k in keys])
+    sums = spearman([halves[0][k] for k in keys], [halves[1][k] for k in keys])
+    assert sums - want > 0.3  # the case this test is about
+    assert info["split_half_spearman"] == pytest.approx(want)
+
+
 def _bare_encoder(kind: str):
     from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 

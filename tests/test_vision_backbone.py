@@ -97,3 +97,26 @@ def test_cli_stream_reads_a_folder_saved_under_the_names_transformers_renames(tm
     assert set(a.files) == set(b.files) and all(torch.equal(a.get(n), b.get(n)) for n in a.files)
     loaded, info = Dinov2Model.from_pretrained(tmp_path / "str" / "model", output_loading_info=True)
     assert not any(info.values())
+
+
+def test_stream_refuses_a_tensor_stored_under_both_names(tmp_path, capsys):
+    """A checkpoint holding the same model tensor under its own name and under a name transformers
+    renames to it: which one a load takes depends on transformers' order, so --stream refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    from ecoflap_fast.cli import main
+
+    model, processor = _backbone()
+    folder = tmp_path / "dino"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    hub = "encoder.layer.0.attention.attention.query.weight"
+    tensors["encoder.layer.0.attention.q_proj.weight"] = torch.full_like(tensors[hub], 7.0)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    args = ["prune", "--model", str(folder), "--sparsity", "0.5", "--nsamples", "8", "--no-progress", "--stream"]
+    capsys.readouterr()  # what saving the folder printed
+    assert main(args + ["--output", str(tmp_path / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "stores encoder.layer.0.attention.q_proj.weight twice" in errors[0]
+    assert not (tmp_path / "out").exists()
