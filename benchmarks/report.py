@@ -179,7 +179,7 @@ def quality_table(rows: list[dict]) -> str:
                 row.append("—" if v is None else fmt(v) + ratio)
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         spread = []
-        variants = sorted({k[0] for k in q if " m=s+" in k[0]})  # ECoFLaP at other bounds m
+        variants = sorted({k[0] for k in q if " m=s+" in k[0] or " n1=" in k[0]})  # other bounds m, stage-1 sizes
         for m in methods + variants:
             if m == "uniform":
                 continue
