@@ -142,9 +142,15 @@ class Checkpoint:
         except Exception:  # interpreter shutdown
             pass
 
-    def nbytes(self, names=None) -> int:
+    def nbytes(self, names=None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of ``names`` (all tensors by default), floating-point ones counted in ``dtype`` if given."""
         names = self.meta if names is None else names
-        return sum(math.prod(self.meta[n][1]) * self.meta[n][0].itemsize for n in names)
+        total = 0
+        for n in names:
+            stored, shape = self.meta[n]
+            item = dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize
+            total += math.prod(shape) * item
+        return total
 
     def dtype(self) -> torch.dtype:
         """The dtype most of the floating-point weights are stored in."""

@@ -277,14 +277,14 @@ def _prune(a) -> dict:
         model, loader, source = stream.open_streamed(path, dtype=compute_dtype, device=device)
         tok = models.inputs_maker(model, model.config.model_type, path, a.trust_remote_code)
         source_dtype = source.dtype()
-        save = getattr(torch, DTYPES[a.save_dtype]) if a.save_dtype else source_dtype
-        _check_streamed_disk(a, model, source, save, compute_dtype)
     else:
         model, tok = models.load_model(
             a.model, dtype=compute_dtype, device=device, trust_remote_code=a.trust_remote_code
         )
         source_dtype = models.source_dtype(a.model)
     save_dtype = getattr(torch, DTYPES[a.save_dtype]) if a.save_dtype else source_dtype
+    if streamed:
+        _check_streamed_disk(a, model, source, save_dtype, compute_dtype)
     objective = objectives.for_model(model)
     _check_loaded_context(a, model)
     is_clip = objective.kind == "contrastive"
@@ -480,22 +480,12 @@ def _check_streamed_disk(a, model, source, save_dtype, compute_dtype) -> None:
     machine keeps the blocks of the towers before the last (several-tower models) in the compute
     dtype until the end: both are checked against the free space before any work (the exports were
     checked before the model was opened)."""
-    import math
-
     from . import _fs, parallel, walk
-
-    def nbytes(names, dtype=None):
-        total = 0
-        for n in names:
-            stored, shape = source.meta[n]
-            item = (dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize)
-            total += math.prod(shape) * item
-        return total
 
     upstream = tuple(s.path + "." for s in walk.structure(model).stacks[:-1])
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world()))
-    written = nbytes(source.meta, save_dtype)
-    spill = ranks * nbytes([n for n in source.meta if n.startswith(upstream)], compute_dtype) if upstream else 0
+    written = source.nbytes(dtype=save_dtype)
+    spill = ranks * source.nbytes([n for n in source.meta if n.startswith(upstream)], compute_dtype) if upstream else 0
     _fs.check_writable(Path(a.output).expanduser().resolve(), written + spill)
 
 

@@ -86,8 +86,9 @@ class BlockLoader:
             raise ValueError(f"block {path} is not in memory, so it cannot be spilled")
         if self._spill_root is None:
             self._spill_root = Path(tempfile.mkdtemp(prefix=".ecoflap-spill-", dir=self.spill_dir))
-        state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        tensors = {n: state[n].detach().cpu().contiguous() for n in self._names(path)}
+        module, start = self.model.get_submodule(path), len(path) + 1
+        own = dict(module.named_parameters()) | dict(module.named_buffers())  # this block's tensors only
+        tensors = {n: own[n[start:]].detach().cpu().contiguous() for n in self._names(path)}
         file = self._spill_root / f"{len(self.spilled):05d}.safetensors"
         save_file(tensors, str(file))
         self.spilled[path] = file
