@@ -5,6 +5,8 @@ python benchmarks/report.py            # rewrites the generated section of bench
 
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -148,9 +150,29 @@ def _quality_rows(rows: list[dict]) -> dict:
     return out
 
 
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, 97.5%, 1-10 df
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95% confidence interval (Student t; above 10 degrees
+    of freedom the Cornish-Fisher expansion of t in the normal quantile, within 0.1%)."""
+    n = len(values)
+    df = n - 1
+    if df < 1:
+        raise ValueError("a confidence interval needs at least two values")
+    if df <= len(_T975):
+        t = _T975[df - 1]
+    else:
+        z = statistics.NormalDist().inv_cdf(0.975)
+        t = z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(n)
+
+
 def quality_table(rows: list[dict]) -> str:
     """Per model: quality per method and sparsity at the first seed (ratio to uniform), then the ratio
-    ECoFLaP / uniform over every seed run (mean, min, max) and stage 1's split-half agreement."""
+    ECoFLaP / uniform over every seed run (mean with its 95% interval, min, max, seeds won), how much
+    uniform Wanda itself moves between those seeds (the run-to-run noise the ratio is judged against)
+    and stage 1's split-half agreement."""
     blocks = []
     for model, cells in _quality_rows(rows).items():
         q = {k: float(v["median"]) for k, v in cells.items() if k[0] != "rho"}
@@ -179,7 +201,7 @@ def quality_table(rows: list[dict]) -> str:
                 row.append("—" if v is None else fmt(v) + ratio)
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         spread = []
-        variants = sorted({k[0] for k in q if " m=s+" in k[0] or " n1=" in k[0]})  # other bounds m, stage-1 sizes
+        variants = sorted({k[0] for k in q if k[0] not in METHOD_ORDER and k[0] != "dense"})  # m=s+…, n1=…, studies
         for m in methods + variants:
             if m == "uniform":
                 continue
@@ -193,8 +215,11 @@ def quality_table(rows: list[dict]) -> str:
                     continue
                 r = [v / u if better_low else (1 - v) / (1 - u) for v, u in pairs]
                 rho = [float(cells[("rho", m, s, sd)]["median"]) for sd in seeds if ("rho", m, s, sd) in cells]
+                damage = [u if better_low else 1 - u for _, u in pairs]  # uniform's own, seed to seed
+                mean, half = mean_interval(r)
                 spread.append(
-                    f"| {m} | {s:g} | {len(r)} | {sum(r) / len(r):.2f}× | {min(r):.2f}× | {max(r):.2f}× | "
+                    f"| {m} | {s:g} | {len(r)} | {mean:.2f}× (± {half:.2f}) | {min(r):.2f}× | {max(r):.2f}× | "
+                    f"{sum(x < 1 for x in r)}/{len(r)} | {max(damage) / min(damage):.2f}× | "
                     + (f"{sum(rho) / len(rho):.2f}" if rho else "—")
                     + " |"
                 )
@@ -202,8 +227,9 @@ def quality_table(rows: list[dict]) -> str:
             what = "perplexity" if better_low else "(1 − cosine)"
             lines += [
                 "",
-                f"| method | sparsity | seeds | {what} / uniform's, mean | min | max | stage-1 split-half ρ |",
-                "|---|---:|---:|---:|---:|---:|---:|",
+                f"| method | sparsity | seeds | {what} / uniform's, mean (± 95% interval) | min | max | wins | "
+                "uniform's max / min over the seeds | stage-1 split-half ρ |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
                 *spread,
             ]
         blocks.append("\n".join(lines))
