@@ -14,6 +14,9 @@ scores into per-matrix sparsities and stage 2 prunes with them as a sparsity map
   of the budget by the same rule;
 - ``tensor``: every matrix its own group (the engine's ``group="tensor"``).
 
+``--per-window`` prints every stage-1 window's own block scores first (each window a batch of its
+own): its total and its blocks relative to its mean block, to see whether one window sets them.
+
 ``--directions K`` (encoders' embedding-sensitivity loss only): every stage-1 window is used K
 times, each with its own random direction u, in batches of the 4 windows.
 Rows are named "ecoflap-zo <variant>" (plus " u=K") in benchmarks/results/quality_cpu.csv.
@@ -36,7 +39,7 @@ import torch  # noqa: E402
 
 from benchmarks import RESULTS_DIR  # noqa: E402
 from benchmarks.bench_quality import _quality_fn  # noqa: E402
-from ecoflap_fast import data, models, objectives, stream, walk  # noqa: E402
+from ecoflap_fast import data, models, objectives, stage1, stream, walk  # noqa: E402
 from ecoflap_fast.allocate import ecoflap_allocation  # noqa: E402
 from ecoflap_fast.bench.harness import Results  # noqa: E402
 from ecoflap_fast.prune import STAGE1_WINDOWS, PruneConfig, allocate, prepare, prune_  # noqa: E402
@@ -81,14 +84,29 @@ def variant_map(name: str, plan: walk.Plan, info: dict, sparsity: float, bound: 
     return {n: per_block[m.block.key] for n, m in mats.items()}
 
 
+def _print_windows(model, plan: walk.Plan, objective, windows: torch.Tensor) -> None:
+    """Every window's block scores from a stage-1 run with one window per batch."""
+    batches = walk.as_batches(windows, 1, objective.from_ids)
+    res = stage1.tensor_scores(
+        model, batches, plan=plan, objective=objective, method="zo", estimator="expected", progress=False
+    )
+    mats = plan.matrices()
+    keys = list(dict.fromkeys(m.block.key for m in mats.values()))
+    for b, scores in sorted(res.batch_scores.items()):
+        per = [sum(v for n, v in scores.items() if mats[n].block.key == k) for k in keys]
+        mean = sum(per) / len(per)
+        print(f"  window {b}: total {sum(per):.4g}, blocks / mean " + " ".join(f"{x / mean:.2f}" for x in per))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--sparsity", type=float, default=0.6)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS, help="none: stage 1 only")
     p.add_argument("--directions", type=int, default=1)
     p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--per-window", action="store_true", help="print every stage-1 window's own block scores")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "quality_cpu.csv")
     a = p.parse_args(argv)
     if a.directions < 1:
@@ -112,6 +130,8 @@ def main(argv=None) -> int:
         plan, objective, batches, stage1_batches, ids = prepare(base, calibration, cfg, stage1)
         engine_map, info = allocate(base, plan, cfg, batches, stage1_batches, objective, ids)
         print(f"{a.model} seed {seed}: split-half rho {info['split_half_spearman']:.3f}", flush=True)
+        if a.per_window:
+            _print_windows(base, plan, objective, stage1)
         for v in a.variants:
             smap = variant_map(v, plan, info, a.sparsity, cfg.m)
             if v == "default" and smap != engine_map:
